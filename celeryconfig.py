@@ -1,0 +1,41 @@
+"""Celery's one configuration: Redis broker and results, JSON only, one long training at a time."""
+
+import os
+
+from schemas.settings import DEFAULT_REDIS_URL
+
+broker_url = os.environ.get("REDIS_URL") or DEFAULT_REDIS_URL
+result_backend = broker_url
+broker_connection_retry_on_startup = True
+
+task_serializer = "json"
+result_serializer = "json"
+accept_content = ["json"]
+result_accept_content = ["json"]
+
+# Long tasks: acknowledge after the run so a lost worker's run comes back, and never let a run
+# that always crashes its process loop forever (the run record's lease handles redelivery).
+task_acks_late = True
+task_reject_on_worker_lost = False
+worker_prefetch_multiplier = 1
+worker_concurrency = 1
+
+# Redis redelivers unacknowledged messages after this long; runs may take hours, and a second
+# delivery finds the lease and returns, so this bounds only how late a lost run comes back.
+VISIBILITY_TIMEOUT_S = 12 * 3600
+visibility_timeout = VISIBILITY_TIMEOUT_S
+broker_transport_options = {"visibility_timeout": VISIBILITY_TIMEOUT_S}
+result_backend_transport_options = {"visibility_timeout": VISIBILITY_TIMEOUT_S}
+
+# Flower reads task events.
+worker_send_task_events = True
+task_send_sent_event = True
+task_track_started = True
+
+TRAINING_QUEUE = "training"
+task_default_queue = TRAINING_QUEUE
+task_routes = {"trainer.train": {"queue": TRAINING_QUEUE}}
+
+worker_hijack_root_logger = False
+# Bounds a warm shutdown's wait for a running training; its message then goes back to the queue.
+worker_soft_shutdown_timeout = 30.0

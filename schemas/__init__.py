@@ -1,0 +1,1 @@
+"""Shapes that cross a process boundary: API bodies, run records and v1 events."""

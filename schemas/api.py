@@ -1,0 +1,142 @@
+"""Marshmallow schemas for the HTTP API's v1 bodies and answers."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass
+
+from marshmallow import Schema, fields, validate
+
+from schemas.models import DEFAULT_FAMILY, DEFAULT_SIZE
+from schemas.runs import RUN_STATUSES
+
+
+class TrainRequestSchema(Schema):
+    """POST /runs/train; unknown fields are rejected (marshmallow's default RAISE)."""
+
+    model_family = fields.String(load_default=DEFAULT_FAMILY)
+    model_size = fields.String(load_default=DEFAULT_SIZE)
+    max_seq_len = fields.Integer(strict=True, load_default=128, validate=validate.Range(min=8))
+    num_epochs = fields.Integer(strict=True, load_default=1, validate=validate.Range(min=1))
+    batch_size = fields.Integer(strict=True, load_default=16, validate=validate.Range(min=1))
+    learning_rate = fields.Float(
+        load_default=1e-3, validate=validate.Range(min=0, min_inclusive=False), allow_nan=False
+    )
+    corpus_path = fields.String(
+        required=True,
+        validate=validate.Length(min=1),
+        metadata={"description": "A file inside the corpus root: absolute, or relative to the root."},
+    )
+    tokenizer_id = fields.String(
+        load_default="auto",
+        metadata={"description": '"auto" trains a byte-level BPE tokenizer on the corpus.'},
+    )
+    user_id = fields.Integer(
+        strict=True,
+        required=True,
+        validate=validate.Range(min=0),
+        metadata={"description": "Discord user id to notify; 0 means no Discord user."},
+    )
+    seed = fields.Integer(strict=True, load_default=1337, validate=validate.Range(min=0, max=2**32 - 1))
+
+
+@dataclass(frozen=True)
+class TrainRequest:
+    """A loaded train request, typed; the same shape travels in the run record to the worker."""
+
+    model_family: str
+    model_size: str
+    max_seq_len: int
+    num_epochs: int
+    batch_size: int
+    learning_rate: float
+    corpus_path: str
+    tokenizer_id: str
+    user_id: int
+    seed: int
+
+    @classmethod
+    def from_mapping(cls, data: Mapping[str, object]) -> TrainRequest:
+        """Typed reads of a mapping that TrainRequestSchema has loaded; raises TypeError otherwise."""
+
+        def text(name: str) -> str:
+            value = data.get(name)
+            if not isinstance(value, str):
+                raise TypeError(f"train request field {name!r} must be a string")
+            return value
+
+        def integer(name: str) -> int:
+            value = data.get(name)
+            if not isinstance(value, int) or isinstance(value, bool):
+                raise TypeError(f"train request field {name!r} must be an integer")
+            return value
+
+        def number(name: str) -> float:
+            value = data.get(name)
+            if not isinstance(value, (int, float)) or isinstance(value, bool):
+                raise TypeError(f"train request field {name!r} must be a number")
+            return float(value)
+
+        return cls(
+            model_family=text("model_family"),
+            model_size=text("model_size"),
+            max_seq_len=integer("max_seq_len"),
+            num_epochs=integer("num_epochs"),
+            batch_size=integer("batch_size"),
+            learning_rate=number("learning_rate"),
+            corpus_path=text("corpus_path"),
+            tokenizer_id=text("tokenizer_id"),
+            user_id=integer("user_id"),
+            seed=integer("seed"),
+        )
+
+    def to_mapping(self) -> dict[str, object]:
+        return asdict(self)
+
+
+class TrainAcceptedSchema(Schema):
+    run_id = fields.String(required=True)
+    job_id = fields.String(required=True)
+
+
+class ProgressSchema(Schema):
+    epoch = fields.Integer()
+    total_epochs = fields.Integer()
+    step = fields.Integer()
+    loss = fields.Float()
+    samples_per_sec = fields.Float()
+    tokens_per_sec = fields.Float()
+    ts = fields.Float()
+
+
+class RunStatusSchema(Schema):
+    run_id = fields.String(required=True)
+    job_id = fields.String()
+    status = fields.String(required=True, validate=validate.OneOf(RUN_STATUSES))
+    last_heartbeat_ts = fields.Float(allow_none=True, metadata={"description": "Unix seconds"})
+    message = fields.String()
+    user_id = fields.Integer()
+    created_at = fields.Float()
+    started_at = fields.Float(allow_none=True)
+    finished_at = fields.Float(allow_none=True)
+    attempt = fields.Integer()
+    progress = fields.Nested(ProgressSchema, allow_none=True)
+    loss = fields.Float(allow_none=True)
+    perplexity = fields.Float(allow_none=True)
+    artifact_path = fields.String(allow_none=True)
+    error_kind = fields.String(allow_none=True)
+
+
+class ErrorSchema(Schema):
+    code = fields.String(required=True)
+    message = fields.String(required=True)
+    request_id = fields.String(required=True)
+    errors = fields.Dict(
+        keys=fields.String(),
+        values=fields.List(fields.String()),
+        metadata={"description": "Validation errors by field name."},
+    )
+
+
+class HealthSchema(Schema):
+    status = fields.String(required=True)

@@ -1,0 +1,229 @@
+"""The run record in Redis, the source of truth for a run's status, shared by the API and worker."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Literal
+
+import redis
+
+RunStatus = Literal["queued", "running", "completed", "failed", "canceled"]
+RUN_STATUSES: tuple[RunStatus, ...] = ("queued", "running", "completed", "failed", "canceled")
+TERMINAL_STATUSES: frozenset[str] = frozenset({"completed", "failed", "canceled"})
+ACTIVE_STATUSES: tuple[RunStatus, ...] = ("queued", "running")
+
+# Lifetimes: an active run's keys live as long as the run; a finished run is kept this long.
+FINISHED_RUN_TTL_S = 30 * 24 * 3600
+USER_INDEX_MAX = 1000
+
+RedisValue = bytes | str | int | float
+
+
+def run_key(run_id: str) -> str:
+    return f"trainer:runs:{run_id}"
+
+
+def lease_key(run_id: str) -> str:
+    """Held by the one worker that trains the run; expires unless the heartbeat renews it."""
+    return f"trainer:runs:{run_id}:lease"
+
+
+def user_runs_key(user_id: int) -> str:
+    """A user's run ids scored by creation time, newest kept, at most USER_INDEX_MAX."""
+    return f"trainer:users:{user_id}:runs"
+
+
+@dataclass(frozen=True)
+class RunRecord:
+    run_id: str
+    job_id: str
+    status: RunStatus
+    user_id: int
+    created_at: float
+    request: dict[str, object]
+    message: str = ""
+    attempt: int = 0
+    started_at: float | None = None
+    finished_at: float | None = None
+    last_heartbeat_ts: float | None = None
+    progress: dict[str, object] | None = None
+    loss: float | None = None
+    perplexity: float | None = None
+    artifact_path: str | None = None
+    error_kind: str | None = None
+    cancel_requested: bool = False
+
+    @property
+    def is_terminal(self) -> bool:
+        return self.status in TERMINAL_STATUSES
+
+
+# Moves a run to a new status only from one of the allowed ones, atomically with its other fields.
+# KEYS[1] run hash; ARGV: allowed statuses joined by ',', new status, then field/value pairs.
+_TRANSITION = """
+local current = redis.call('HGET', KEYS[1], 'status')
+if not current then return 0 end
+local allowed = false
+for status in string.gmatch(ARGV[1], '[^,]+') do
+  if status == current then allowed = true end
+end
+if not allowed then return 0 end
+redis.call('HSET', KEYS[1], 'status', ARGV[2])
+for i = 3, #ARGV, 2 do redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1]) end
+return 1
+"""
+
+# Renews the lease only for its holder and records the heartbeat. KEYS: lease, run hash.
+# ARGV: holder, lease ms, heartbeat ts.
+_RENEW = """
+if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
+redis.call('PEXPIRE', KEYS[1], ARGV[2])
+redis.call('HSET', KEYS[2], 'last_heartbeat_ts', ARGV[3])
+return 1
+"""
+
+_RELEASE = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
+return 0
+"""
+
+
+class RunStore:
+    """Reads and moves run records; every status change is a checked transition."""
+
+    def __init__(self, client: redis.Redis) -> None:
+        self._redis = client
+        self._transition = client.register_script(_TRANSITION)
+        self._renew = client.register_script(_RENEW)
+        self._release = client.register_script(_RELEASE)
+
+    def create(
+        self, *, run_id: str, job_id: str, user_id: int, request: dict[str, object], now: float
+    ) -> RunRecord:
+        record = RunRecord(
+            run_id=run_id, job_id=job_id, status="queued", user_id=user_id, created_at=now, request=request
+        )
+        pipe = self._redis.pipeline()
+        pipe.hset(
+            run_key(run_id),
+            mapping={
+                "run_id": run_id,
+                "job_id": job_id,
+                "status": "queued",
+                "user_id": user_id,
+                "created_at": now,
+                "request": json.dumps(request, separators=(",", ":")),
+                "message": "queued",
+                "attempt": 0,
+            },
+        )
+        pipe.zadd(user_runs_key(user_id), {run_id: now})
+        pipe.zremrangebyrank(user_runs_key(user_id), 0, -USER_INDEX_MAX - 1)
+        pipe.execute()
+        return record
+
+    def get(self, run_id: str) -> RunRecord | None:
+        raw = self._redis.hgetall(run_key(run_id))
+        if not raw:
+            return None
+        return _parse_record({_text(key): _text(value) for key, value in raw.items()})
+
+    def claim(self, run_id: str, holder: str, lease_s: float, now: float) -> bool:
+        """Take the run's lease and mark it running; False when another executor holds it or it ended."""
+        if not self._redis.set(lease_key(run_id), holder, px=int(lease_s * 1000), nx=True):
+            return False
+        moved = self.transition(
+            run_id,
+            ACTIVE_STATUSES,
+            "running",
+            {"started_at": now, "last_heartbeat_ts": now, "message": "running", "worker": holder},
+        )
+        if not moved:
+            self.release(run_id, holder)
+            return False
+        self._redis.hincrby(run_key(run_id), "attempt", 1)
+        return True
+
+    def renew(self, run_id: str, holder: str, lease_s: float, now: float) -> bool:
+        """Extend the lease and write the heartbeat; False when the lease was lost."""
+        result = self._renew(
+            keys=[lease_key(run_id), run_key(run_id)], args=[holder, int(lease_s * 1000), now]
+        )
+        return bool(result == 1)
+
+    def release(self, run_id: str, holder: str) -> None:
+        self._release(keys=[lease_key(run_id)], args=[holder])
+
+    def transition(
+        self,
+        run_id: str,
+        allowed_from: tuple[RunStatus, ...],
+        status: RunStatus,
+        fields: dict[str, RedisValue] | None = None,
+    ) -> bool:
+        args: list[RedisValue] = [",".join(allowed_from), status]
+        for name, value in (fields or {}).items():
+            args.extend((name, value))
+        moved = bool(self._transition(keys=[run_key(run_id)], args=args) == 1)
+        if moved and status in TERMINAL_STATUSES:
+            self._redis.expire(run_key(run_id), FINISHED_RUN_TTL_S)
+        return moved
+
+    def finish(self, run_id: str, status: RunStatus, message: str, now: float, **metrics: RedisValue) -> bool:
+        """Record the end of a running run; False when it was not running (already ended elsewhere)."""
+        return self.transition(
+            run_id, ("running",), status, {"message": message, "finished_at": now, **metrics}
+        )
+
+    def save_progress(self, run_id: str, progress: dict[str, object]) -> None:
+        self._redis.hset(run_key(run_id), "progress", json.dumps(progress, separators=(",", ":")))
+
+    def ping(self) -> bool:
+        return bool(self._redis.ping())
+
+
+def _text(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value
+
+
+def _optional_float(raw: dict[str, str], name: str) -> float | None:
+    value = raw.get(name)
+    return float(value) if value else None
+
+
+def _json_object(raw: dict[str, str], name: str) -> dict[str, object] | None:
+    value = raw.get(name)
+    if not value:
+        return None
+    parsed: object = json.loads(value)
+    return {str(k): v for k, v in parsed.items()} if isinstance(parsed, dict) else None
+
+
+def _status(value: str) -> RunStatus:
+    for status in RUN_STATUSES:
+        if status == value:
+            return status
+    raise ValueError(f"unknown run status {value!r}")
+
+
+def _parse_record(raw: dict[str, str]) -> RunRecord:
+    return RunRecord(
+        run_id=raw["run_id"],
+        job_id=raw.get("job_id", ""),
+        status=_status(raw["status"]),
+        user_id=int(raw["user_id"]),
+        created_at=float(raw["created_at"]),
+        request=_json_object(raw, "request") or {},
+        message=raw.get("message", ""),
+        attempt=int(raw.get("attempt", "0")),
+        started_at=_optional_float(raw, "started_at"),
+        finished_at=_optional_float(raw, "finished_at"),
+        last_heartbeat_ts=_optional_float(raw, "last_heartbeat_ts"),
+        progress=_json_object(raw, "progress"),
+        loss=_optional_float(raw, "loss"),
+        perplexity=_optional_float(raw, "perplexity"),
+        artifact_path=raw.get("artifact_path") or None,
+        error_kind=raw.get("error_kind") or None,
+        cancel_requested=raw.get("cancel_requested") == "1",
+    )

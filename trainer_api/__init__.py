@@ -1,0 +1,32 @@
+"""The HTTP API: validates requests, records runs and dispatches Celery tasks."""
+
+from __future__ import annotations
+
+from flask import Flask
+
+from schemas.settings import Settings
+from trainer_api import context, health, runs
+from trainer_api.errors import TrainerApi
+from trainer_api.services import EXTENSION, Dispatch, build, send_train_task
+
+
+def create_app(settings: Settings | None = None, dispatch: Dispatch = send_train_task) -> Flask:
+    settings = settings or Settings.from_env()
+    app = Flask(__name__)
+    app.config.update(
+        API_TITLE="trainer",
+        API_VERSION="v1",
+        OPENAPI_VERSION="3.0.3",
+        OPENAPI_URL_PREFIX="/",
+        OPENAPI_JSON_PATH="openapi.json",
+        OPENAPI_SWAGGER_UI_PATH="docs",
+        OPENAPI_SWAGGER_UI_URL="https://cdn.jsdelivr.net/npm/swagger-ui-dist/",
+        MAX_CONTENT_LENGTH=settings.max_body_bytes,
+        TRAINER_API_KEY=settings.api_key,
+    )
+    app.extensions[EXTENSION] = build(settings, dispatch)
+    context.install(app)
+    api = TrainerApi(app)
+    api.register_blueprint(health.blp)
+    api.register_blueprint(runs.blp)
+    return app

@@ -1,0 +1,110 @@
+"""One error envelope, `{code, message, request_id}`, for every failure the API can answer."""
+
+from __future__ import annotations
+
+import logging
+
+import redis
+from flask import Response, jsonify
+from flask_smorest import Api
+from kombu.exceptions import OperationalError
+from werkzeug.exceptions import HTTPException, InternalServerError, ServiceUnavailable
+
+from schemas.api import ErrorSchema
+from trainer_api.context import current_request_id
+
+log = logging.getLogger(__name__)
+
+ERROR_CODES: dict[int, str] = {
+    400: "BAD_REQUEST",
+    401: "UNAUTHORIZED",
+    404: "NOT_FOUND",
+    405: "METHOD_NOT_ALLOWED",
+    409: "CONFLICT",
+    413: "PAYLOAD_TOO_LARGE",
+    415: "UNSUPPORTED_MEDIA_TYPE",
+    422: "VALIDATION_ERROR",
+    503: "SERVICE_UNAVAILABLE",
+    500: "INTERNAL",
+}
+# The backing services being down is the caller's cue to retry later, not a bug.
+UNAVAILABLE_ERRORS = (redis.RedisError, OperationalError)
+
+
+class TrainerApi(Api):
+    """flask-smorest's Api with our envelope for HTTP errors, routing errors and crashes alike."""
+
+    ERROR_SCHEMA = ErrorSchema
+
+    def handle_http_exception(self, error: HTTPException) -> Response:
+        return error_response(error)
+
+
+def error_response(error: HTTPException) -> Response:
+    status = error.code or 500
+    original = getattr(error, "original_exception", None)
+    if isinstance(original, UNAVAILABLE_ERRORS):
+        log.warning("backing service unavailable: %s", original)
+        error, status = ServiceUnavailable(), 503
+    elif isinstance(error, InternalServerError):
+        # Never show an exception's text: it may hold paths, hosts or secrets.
+        log.error("unhandled error", exc_info=original)
+    code = ERROR_CODES.get(status, "INTERNAL" if status >= 500 else "BAD_REQUEST")
+    body: dict[str, object] = {
+        "code": code,
+        "message": _message(error, status),
+        "request_id": current_request_id(),
+    }
+    fields = _field_errors(getattr(error, "data", None))
+    if fields:
+        body["errors"] = fields
+        body["message"] = "invalid field(s): " + ", ".join(sorted(fields))
+    response = jsonify(body)
+    response.status_code = status
+    if status == 405 and isinstance(error, HTTPException):
+        response.headers["Allow"] = ", ".join(getattr(error, "valid_methods", None) or [])
+    return response
+
+
+_MESSAGES: dict[int, str] = {
+    401: "a valid X-Api-Key header is required",
+    404: "no such resource",
+    405: "method not allowed on this resource",
+    413: "request body too large",
+    415: "the body must be JSON (Content-Type: application/json)",
+    500: "internal error; the request_id identifies it in the server log",
+    503: "a backing service is unavailable; try again shortly",
+}
+
+
+def _message(error: HTTPException, status: int) -> str:
+    data = getattr(error, "data", None)
+    if isinstance(data, dict) and isinstance(data.get("message"), str):
+        return str(data["message"])
+    if status in _MESSAGES:
+        return _MESSAGES[status]
+    return error.description or error.name
+
+
+def _field_errors(data: object) -> dict[str, list[str]]:
+    """Flatten webargs' `{location: {field: [messages]}}` into `{field: [messages]}`."""
+    if not isinstance(data, dict):
+        return {}
+    raw = data.get("errors") or data.get("messages")
+    if not isinstance(raw, dict):
+        return {}
+    flat: dict[str, list[str]] = {}
+    for location_errors in raw.values():
+        if isinstance(location_errors, dict):
+            for name, messages in location_errors.items():
+                flat[str(name)] = _texts(messages)
+    return flat
+
+
+def _texts(messages: object) -> list[str]:
+    if isinstance(messages, list):
+        return [str(message) for message in messages]
+    if isinstance(messages, dict):
+        # Nested fields (a dict inside a field) report per key.
+        return [f"{key}: {', '.join(_texts(value))}" for key, value in messages.items()]
+    return [str(messages)]

@@ -1,0 +1,1 @@
+"""The Celery worker: training tasks and the events they publish."""

@@ -1,0 +1,9 @@
+"""The one Celery app, configured from `celeryconfig`; torch-free so the API can send tasks by name."""
+
+from celery import Celery
+
+TRAIN_TASK = "trainer.train"
+
+celery_app = Celery("trainer", include=["trainer_tasks.tasks"])
+celery_app.config_from_object("celeryconfig")
+app = celery_app
