@@ -102,8 +102,8 @@ def encode_event(event: TrainEvent) -> str:
 def decode_event(raw: str | bytes) -> TrainEvent | NotAnEvent:
     """Parse and check one payload; never raises, so a consumer's loop survives any input."""
     try:
-        payload: object = json.loads(raw)
-    except (ValueError, UnicodeDecodeError) as exc:
+        payload: object = json.loads(raw, parse_constant=_reject_constant)
+    except (ValueError, RecursionError) as exc:
         return NotAnEvent(f"not a v1 event: invalid JSON ({exc})")
     if not isinstance(payload, dict):
         return NotAnEvent("not a v1 event: payload is not a JSON object")
@@ -116,6 +116,10 @@ def decode_event(raw: str | bytes) -> TrainEvent | NotAnEvent:
         return build(_Fields(payload))
     except _InvalidField as exc:
         return NotAnEvent(f"not a v1 event: {event_type} {exc}")
+
+
+def _reject_constant(name: str) -> float:
+    raise ValueError(f"{name} is not JSON")
 
 
 class _InvalidField(ValueError):

@@ -30,7 +30,7 @@ def lease_key(run_id: str) -> str:
 
 
 def user_runs_key(user_id: int) -> str:
-    """A user's run ids scored by creation time, newest kept, at most USER_INDEX_MAX."""
+    """A user's run ids scored by creation time: the newest USER_INDEX_MAX, kept as long as a finished run."""
     return f"trainer:users:{user_id}:runs"
 
 
@@ -53,6 +53,7 @@ class RunRecord:
     artifact_path: str | None = None
     error_kind: str | None = None
     cancel_requested: bool = False
+    last_seq: int = 0
 
     @property
     def is_terminal(self) -> bool:
@@ -120,6 +121,7 @@ class RunStore:
         )
         pipe.zadd(user_runs_key(user_id), {run_id: now})
         pipe.zremrangebyrank(user_runs_key(user_id), 0, -USER_INDEX_MAX - 1)
+        pipe.expire(user_runs_key(user_id), FINISHED_RUN_TTL_S)
         pipe.execute()
         return record
 
@@ -176,6 +178,9 @@ class RunStore:
             run_id, ("running",), status, {"message": message, "finished_at": now, **metrics}
         )
 
+    def cancel_requested(self, run_id: str) -> bool:
+        return self._redis.hget(run_key(run_id), "cancel_requested") in (b"1", "1")
+
     def save_progress(self, run_id: str, progress: dict[str, object]) -> None:
         self._redis.hset(run_key(run_id), "progress", json.dumps(progress, separators=(",", ":")))
 
@@ -226,4 +231,5 @@ def _parse_record(raw: dict[str, str]) -> RunRecord:
         artifact_path=raw.get("artifact_path") or None,
         error_kind=raw.get("error_kind") or None,
         cancel_requested=raw.get("cancel_requested") == "1",
+        last_seq=int(raw.get("last_seq", "0")),
     )

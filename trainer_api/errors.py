@@ -8,7 +8,7 @@ import redis
 from flask import Response, jsonify
 from flask_smorest import Api
 from kombu.exceptions import OperationalError
-from werkzeug.exceptions import HTTPException, InternalServerError, ServiceUnavailable
+from werkzeug.exceptions import BadRequest, HTTPException, InternalServerError, ServiceUnavailable
 
 from schemas.api import ErrorSchema
 from trainer_api.context import current_request_id
@@ -43,7 +43,10 @@ class TrainerApi(Api):
 def error_response(error: HTTPException) -> Response:
     status = error.code or 500
     original = getattr(error, "original_exception", None)
-    if isinstance(original, UNAVAILABLE_ERRORS):
+    if isinstance(original, RecursionError):
+        # JSON nested deeper than the parser can follow is a malformed body, not a crash.
+        error, status = BadRequest("the body is nested too deeply"), 400
+    elif isinstance(original, UNAVAILABLE_ERRORS):
         log.warning("backing service unavailable: %s", original)
         error, status = ServiceUnavailable(), 503
     elif isinstance(error, InternalServerError):

@@ -73,7 +73,7 @@ def run_status(run_id: str) -> dict[str, object]:
 
 def status_body(record: RunRecord) -> dict[str, object]:
     body = asdict(record)
-    for internal in ("request", "cancel_requested"):
+    for internal in ("request", "cancel_requested", "last_seq"):
         body.pop(internal)
     return body
 
@@ -102,8 +102,10 @@ def resolve_corpus(root: Path, value: str) -> Path | None:
     """The corpus file inside `root`, absolute or relative to it; None for anything that leads out."""
     base = root.resolve()
     candidate = Path(value)
-    # resolve() follows symlinks, so a link that points outside the root is caught here too.
-    resolved = (candidate if candidate.is_absolute() else base / candidate).resolve()
-    if not resolved.is_relative_to(base) or not resolved.is_file():
+    try:
+        # resolve() follows symlinks, so a link that points outside the root is caught here too.
+        resolved = (candidate if candidate.is_absolute() else base / candidate).resolve()
+        inside = resolved.is_relative_to(base) and resolved.is_file()
+    except (OSError, ValueError):  # a NUL byte, a name too long for the filesystem
         return None
-    return resolved
+    return resolved if inside else None

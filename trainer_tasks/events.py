@@ -1,0 +1,34 @@
+"""Event delivery: publish on `trainer:events` and append to the bounded stream, never raising."""
+
+from __future__ import annotations
+
+import logging
+
+import redis
+
+from schemas.events import EVENTS_CHANNEL, EVENTS_STREAM, TrainEvent, encode_event
+from schemas.runs import run_key
+
+log = logging.getLogger(__name__)
+
+
+class EventBus:
+    """Best effort on the hot path: a Redis error is logged and training goes on."""
+
+    def __init__(self, client: redis.Redis, stream_maxlen: int) -> None:
+        self._redis = client
+        self._stream_maxlen = stream_maxlen
+
+    def send(self, event: TrainEvent) -> bool:
+        payload = encode_event(event)
+        pipe = self._redis.pipeline(transaction=False)
+        pipe.publish(EVENTS_CHANNEL, payload)
+        # Approximate trimming keeps XADD O(1); the stream holds about the newest `stream_maxlen` events.
+        pipe.xadd(EVENTS_STREAM, {"event": payload}, maxlen=self._stream_maxlen, approximate=True)
+        pipe.hset(run_key(event.run_id), mapping={"last_event": payload, "last_seq": event.seq or 0})
+        try:
+            pipe.execute()
+        except redis.RedisError as exc:
+            log.warning("event %s for run %s not delivered: %s", event.type, event.run_id, exc)
+            return False
+        return True

@@ -1,0 +1,117 @@
+"""A run's reporter: stamps its events, writes the run record first, then sends the event."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+import uuid
+from collections.abc import Callable
+from typing import TypeVar
+
+import redis
+
+from schemas.events import ErrorKind, FailedStatus, TrainCompleted, TrainFailed, TrainProgress, TrainStarted
+from schemas.runs import RunStore
+from trainer_tasks.errors import RunCanceled, UserError
+from trainer_tasks.events import EventBus
+
+log = logging.getLogger(__name__)
+E = TypeVar("E", TrainStarted, TrainProgress, TrainCompleted, TrainFailed)
+
+
+class RunReporter:
+    """The one path from a run to its record and its events; sends at most one terminal event."""
+
+    def __init__(
+        self,
+        *,
+        run_id: str,
+        user_id: int,
+        store: RunStore,
+        bus: EventBus,
+        last_seq: int = 0,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.run_id = run_id
+        self.user_id = user_id
+        self._store = store
+        self._bus = bus
+        self._seq = last_seq
+        self._clock = clock
+        self.finished = False
+
+    def _stamp(self, event: E) -> E:
+        self._seq += 1
+        return dataclasses.replace(event, event_id=uuid.uuid4().hex, seq=self._seq, ts=self._clock())
+
+    def started(self, event: TrainStarted) -> None:
+        self._bus.send(self._stamp(event))
+
+    def progress(self, event: TrainProgress) -> None:
+        stamped = self._stamp(event)
+        try:
+            self._store.save_progress(self.run_id, _progress_summary(stamped))
+        except redis.RedisError as exc:
+            log.warning("progress of run %s not recorded: %s", self.run_id, exc)
+        self._bus.send(stamped)
+
+    def completed(self, event: TrainCompleted) -> None:
+        if self.finished:
+            return
+        self.finished = True
+        # The record first: a client that reacts to the event then reads the final status.
+        self._store.finish(
+            self.run_id,
+            "completed",
+            "completed",
+            self._clock(),
+            loss=event.loss,
+            perplexity=event.perplexity,
+            artifact_path=event.artifact_path,
+        )
+        self._bus.send(self._stamp(event))
+
+    def failed(self, error_kind: ErrorKind, message: str, canceled: bool = False) -> None:
+        if self.finished:
+            return
+        self.finished = True
+        status: FailedStatus = "canceled" if canceled else "failed"
+        self._store.finish(self.run_id, status, message, self._clock(), error_kind=error_kind)
+        event = TrainFailed(
+            request_id=self.run_id,
+            run_id=self.run_id,
+            user_id=self.user_id,
+            error_kind=error_kind,
+            message=message,
+            status=status,
+        )
+        self._bus.send(self._stamp(event))
+
+    def failed_with(self, exc: BaseException) -> None:
+        """Say why a run ended early: the user's to fix, a cancel, or ours (details stay in the log)."""
+        if isinstance(exc, RunCanceled):
+            self.failed("user", "canceled at the user's request", canceled=True)
+        elif isinstance(exc, UserError):
+            self.failed("user", str(exc))
+        else:
+            self.failed(
+                "system",
+                f"the worker hit an internal error ({type(exc).__name__}); "
+                f"operators find the details in the worker log under run {self.run_id}",
+            )
+
+
+def _progress_summary(event: TrainProgress) -> dict[str, object]:
+    summary: dict[str, object] = {
+        "epoch": event.epoch,
+        "total_epochs": event.total_epochs,
+        "step": event.step,
+        "loss": event.loss,
+        "ts": event.ts,
+    }
+    for name in ("samples_per_sec", "tokens_per_sec"):
+        value = getattr(event, name)
+        if value is not None:
+            summary[name] = value
+    return summary

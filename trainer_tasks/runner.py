@@ -1,0 +1,110 @@
+"""Executes one delivery of a run: claim it, keep its heartbeat, train, and record how it ended."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from schemas.api import TrainRequest
+from schemas.runs import RunStore
+from schemas.settings import Settings
+from trainer_tasks.events import EventBus
+from trainer_tasks.heartbeat import Heartbeat
+from trainer_tasks.reporting import RunReporter
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class RunContext:
+    """What the training code is given: where to write, how to report, when to stop."""
+
+    run_id: str
+    request: TrainRequest
+    reporter: RunReporter
+    run_dir: Path
+    artifact_dir: Path
+    queue: str
+    progress_interval_s: float
+    cancel_requested: Callable[[], bool]
+
+
+TrainFn = Callable[[RunContext], None]
+Requeue = Callable[[str], None]
+
+
+def load_training() -> TrainFn:
+    """Imported on first use: torch and Lightning load in the worker's pool process only."""
+    from trainer_tasks.training import train
+
+    return train
+
+
+@dataclass(frozen=True)
+class Worker:
+    """One pool process's view of the services a run needs."""
+
+    settings: Settings
+    store: RunStore
+    bus: EventBus
+    holder: str
+    queue: str
+    requeue: Requeue
+    train: Callable[[], TrainFn] = load_training
+
+
+def execute_run(run_id: str, worker: Worker) -> str:
+    """Train the run unless another delivery has it or it has ended; answers the status it ended in."""
+    record = worker.store.get(run_id)
+    if record is None:
+        log.error("run %s: no record; nothing to train", run_id)
+        return "missing"
+    if record.is_terminal:
+        log.info("run %s: already %s; this delivery does nothing", run_id, record.status)
+        return record.status
+    if not worker.store.claim(run_id, worker.holder, worker.settings.lease_s, time.time()):
+        log.info("run %s: another executor holds it; this delivery does nothing", run_id)
+        return "skipped"
+    reporter = RunReporter(
+        run_id=run_id, user_id=record.user_id, store=worker.store, bus=worker.bus, last_seq=record.last_seq
+    )
+    heartbeat = Heartbeat(
+        worker.store,
+        run_id,
+        worker.holder,
+        interval_s=worker.settings.heartbeat_interval_s,
+        lease_s=worker.settings.lease_s,
+    )
+    try:
+        with heartbeat:
+            context = RunContext(
+                run_id=run_id,
+                request=TrainRequest.from_mapping(record.request),
+                reporter=reporter,
+                run_dir=worker.settings.runs_root / run_id,
+                artifact_dir=worker.settings.artifacts_root / "models" / run_id,
+                queue=worker.queue,
+                progress_interval_s=worker.settings.progress_interval_s,
+                cancel_requested=heartbeat.cancel_requested.is_set,
+            )
+            worker.train()(context)
+    except SystemExit:
+        # A shutdown (Lightning turns SIGTERM into SystemExit): hand the run back, it resumes elsewhere.
+        log.warning("run %s: worker shutting down; the run goes back to the queue", run_id)
+        worker.store.transition(
+            run_id, ("running",), "queued", {"message": "requeued after a worker shutdown"}
+        )
+        worker.requeue(run_id)
+        return "requeued"
+    except Exception as exc:
+        log.exception("run %s failed", run_id)
+        reporter.failed_with(exc)
+    finally:
+        worker.store.release(run_id, worker.holder)
+    if not reporter.finished:
+        reporter.failed("system", "training ended without reporting a result")
+    final = worker.store.get(run_id)
+    return final.status if final else "missing"
