@@ -1,0 +1,168 @@
+"""One run through every real part: the API under gunicorn, Redis, a Celery worker, Lightning."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import redis
+import requests
+
+from schemas.events import (
+    EVENTS_CHANNEL,
+    EVENTS_STREAM,
+    NotAnEvent,
+    TrainCompleted,
+    TrainEvent,
+    TrainFailed,
+    TrainProgress,
+    TrainStarted,
+    decode_event,
+)
+from scripts import corpus, devstack
+
+SNOWFLAKE = 123456789012345678
+
+
+@dataclass(frozen=True)
+class Stack:
+    api_url: str
+    redis_url: str
+    corpus_root: Path
+    artifacts_root: Path
+
+
+@pytest.fixture(scope="module")
+def stack(redis_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+    root = tmp_path_factory.mktemp("stack")
+    corpus.write(root / "corpora" / "stories.txt", sentences=1200, seed=3)
+    corpus.write(root / "corpora" / "tiny.txt", sentences=2, seed=3)
+    env = {
+        **os.environ,
+        "REDIS_URL": redis_url,
+        "APP__CORPUS_ROOT": str(root / "corpora"),
+        "APP__ARTIFACTS_ROOT": str(root / "artifacts"),
+        "APP__RUNS_ROOT": str(root / "runs"),
+        "APP__PROGRESS_INTERVAL_S": "0.2",
+        "APP__HEARTBEAT_INTERVAL_S": "0.5",
+        "WEB_CONCURRENCY": "1",
+    }
+    worker = devstack.start_worker(env, root / "logs")
+    web, api_url = devstack.start_web(env, root / "logs")
+    yield Stack(api_url, redis_url, root / "corpora", root / "artifacts")
+    web.stop()
+    worker.stop()
+
+
+def submit(stack: Stack, **overrides: object) -> str:
+    body: dict[str, object] = {
+        "model_size": "tiny",
+        "max_seq_len": 32,
+        "batch_size": 8,
+        "num_epochs": 2,
+        "corpus_path": str(stack.corpus_root / "stories.txt"),
+        "user_id": SNOWFLAKE,
+        **overrides,
+    }
+    response = requests.post(f"{stack.api_url}/runs/train", json=body, timeout=10)
+    assert response.status_code == 202, response.text
+    run_id: str = response.json()["run_id"]
+    return run_id
+
+
+def events_until_terminal(
+    subscriber: redis.client.PubSub, run_id: str, timeout_s: float = 180
+) -> list[TrainEvent]:
+    events: list[TrainEvent] = []
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        message = subscriber.get_message(ignore_subscribe_messages=True, timeout=1.0)
+        if message is None:
+            continue
+        event = decode_event(message["data"])
+        assert not isinstance(event, NotAnEvent), event.reason
+        if event.run_id == run_id:
+            events.append(event)
+            if isinstance(event, (TrainCompleted, TrainFailed)):
+                return events
+    raise AssertionError(f"run {run_id} did not finish; events so far: {events}")
+
+
+@pytest.fixture
+def subscriber(stack: Stack) -> Iterator[redis.client.PubSub]:
+    client = redis.Redis.from_url(stack.redis_url)
+    pubsub = client.pubsub()
+    pubsub.subscribe(EVENTS_CHANNEL)
+    pubsub.get_message(timeout=1.0)  # the subscribe confirmation
+    yield pubsub
+    pubsub.close()
+    client.close()
+
+
+def test_a_run_streams_started_progress_completed_and_ends_completed(
+    stack: Stack, subscriber: redis.client.PubSub
+) -> None:
+    run_id = submit(stack)
+    events = events_until_terminal(subscriber, run_id)
+
+    assert isinstance(events[0], TrainStarted)
+    assert isinstance(events[-1], TrainCompleted)
+    progress = [event for event in events if isinstance(event, TrainProgress)]
+    assert progress, "at least one progress event"
+    assert len([event for event in events if isinstance(event, TrainStarted)]) == 1
+    for event in events:
+        assert event.request_id == event.run_id == run_id
+        assert event.user_id == SNOWFLAKE
+        assert event.event_id
+    assert [event.seq for event in events] == list(range(1, len(events) + 1))
+    assert [p.step for p in progress] == sorted(p.step for p in progress)
+    assert progress[-1].epoch == progress[-1].total_epochs == 2
+    completed = events[-1]
+    assert isinstance(completed, TrainCompleted)
+    assert completed.perplexity == pytest.approx(2.718281828**completed.loss, rel=1e-6)
+    assert completed.loss < progress[0].loss, "training lowered the loss"
+    assert Path(completed.artifact_path).is_relative_to(stack.artifacts_root.resolve())
+    assert (Path(completed.artifact_path) / "config.json").is_file()
+
+    # The durable stream holds the same events, in the same order.
+    client = redis.Redis.from_url(stack.redis_url)
+    entries = client.xrange(EVENTS_STREAM)
+    assert entries is not None
+    streamed = [decode_event(fields[b"event"]) for _, fields in entries if fields]
+    assert [
+        event for event in streamed if not isinstance(event, NotAnEvent) and event.run_id == run_id
+    ] == events
+
+    status = requests.get(f"{stack.api_url}/runs/{run_id}", timeout=10).json()
+    assert status["status"] == "completed"
+    assert status["user_id"] == SNOWFLAKE
+    assert isinstance(status["last_heartbeat_ts"], float)
+    assert status["loss"] == pytest.approx(completed.loss)
+    assert status["artifact_path"] == completed.artifact_path
+    manifest = json.loads((Path(completed.artifact_path) / "manifest.json").read_text())
+    assert manifest["run_id"] == run_id
+
+
+def test_a_corpus_too_small_fails_as_a_user_error_and_the_worker_takes_the_next_run(
+    stack: Stack, subscriber: redis.client.PubSub
+) -> None:
+    doomed = submit(stack, corpus_path="tiny.txt", num_epochs=1)
+    following = submit(stack, num_epochs=1)
+
+    failed = events_until_terminal(subscriber, doomed)[-1]
+    assert isinstance(failed, TrainFailed)
+    assert failed.error_kind == "user"
+    assert failed.status == "failed"
+    assert "too small" in failed.message
+    assert "batch_size" in failed.message
+    status = requests.get(f"{stack.api_url}/runs/{doomed}", timeout=10).json()
+    assert status["status"] == "failed"
+    assert status["message"] == failed.message
+
+    assert isinstance(events_until_terminal(subscriber, following)[-1], TrainCompleted)
+    assert requests.get(f"{stack.api_url}/runs/{following}", timeout=10).json()["status"] == "completed"
