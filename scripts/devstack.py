@@ -131,9 +131,11 @@ def procfile_command(name: str) -> str:
     raise KeyError(f"no {name!r} line in the Procfile")
 
 
-def start_procfile(name: str, env: Mapping[str, str], log_dir: Path, extra_args: str = "") -> Service:
+def start_procfile(
+    name: str, env: Mapping[str, str], log_dir: Path, extra_args: str = "", cwd: Path = REPO_ROOT
+) -> Service:
     """Run a Procfile line as a platform would: through the shell, so ${VAR:-default} expands."""
-    return start(name, ["sh", "-c", f"exec {procfile_command(name)} {extra_args}"], env, log_dir)
+    return start(name, ["sh", "-c", f"exec {procfile_command(name)} {extra_args}"], env, log_dir, cwd)
 
 
 def start_web(env: Mapping[str, str], log_dir: Path) -> tuple[Service, str]:
@@ -151,8 +153,10 @@ def start_web(env: Mapping[str, str], log_dir: Path) -> tuple[Service, str]:
     return service, url
 
 
-def start_worker(env: Mapping[str, str], log_dir: Path, name: str = "worker") -> Service:
-    service = start_procfile("worker", env, log_dir, extra_args=f"--hostname {shlex.quote(name)}@%h")
+def start_worker(
+    env: Mapping[str, str], log_dir: Path, name: str = "worker", cwd: Path = REPO_ROOT
+) -> Service:
+    service = start_procfile("worker", env, log_dir, f"--hostname {shlex.quote(name)}@%h", cwd)
     # Celery logs "<hostname> ready." once it consumes from its queues.
     wait_until(lambda: " ready." in service.log(), 90, name, service)
     return service

@@ -249,6 +249,15 @@ def test_corpus_paths_that_are_rejected(
     assert no_run_recorded(redis_client, dispatched)
 
 
+@pytest.mark.parametrize("value", ["notes\x00.txt", "x" * 5000, "a/" + "b" * 300 + "/c.txt"])
+def test_corpus_paths_the_filesystem_cannot_hold_are_422(
+    client: FlaskClient, dispatched: DispatchRecorder, redis_client: redis.Redis, value: str
+) -> None:
+    fields = field_errors(submit(client, valid_body(corpus_path=value)))
+    assert fields == {"corpus_path": ["must name an existing file inside the corpus root"]}
+    assert no_run_recorded(redis_client, dispatched)
+
+
 def test_empty_corpus_path_is_rejected(client: FlaskClient) -> None:
     assert set(field_errors(submit(client, valid_body(corpus_path="")))) == {"corpus_path"}
 
@@ -390,6 +399,14 @@ def test_invalid_json_is_400(client: FlaskClient, dispatched: DispatchRecorder) 
     response = client.post("/runs/train", data="{not json", content_type="application/json")
     body = assert_envelope(response, 400, "BAD_REQUEST")
     assert "errors" not in body
+    assert body["message"] == "json: Invalid JSON body."
+    assert not dispatched.sent
+
+
+def test_json_nested_too_deeply_is_400(client: FlaskClient, dispatched: DispatchRecorder) -> None:
+    response = client.post("/runs/train", data="[" * 100_000, content_type="application/json")
+    body = assert_envelope(response, 400, "BAD_REQUEST")
+    assert body["message"] == "the body is nested too deeply"
     assert not dispatched.sent
 
 

@@ -35,6 +35,8 @@ class Stack:
     redis_url: str
     corpus_root: Path
     artifacts_root: Path
+    worker: devstack.Service
+    worker_cwd: Path
 
 
 @pytest.fixture(scope="module")
@@ -52,9 +54,11 @@ def stack(redis_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[
         "APP__HEARTBEAT_INTERVAL_S": "0.5",
         "WEB_CONCURRENCY": "1",
     }
-    worker = devstack.start_worker(env, root / "logs")
+    worker_cwd = root / "worker-cwd"
+    worker_cwd.mkdir()
+    worker = devstack.start_worker(env, root / "logs", cwd=worker_cwd)
     web, api_url = devstack.start_web(env, root / "logs")
-    yield Stack(api_url, redis_url, root / "corpora", root / "artifacts")
+    yield Stack(api_url, redis_url, root / "corpora", root / "artifacts", worker, worker_cwd)
     web.stop()
     worker.stop()
 
@@ -146,6 +150,14 @@ def test_a_run_streams_started_progress_completed_and_ends_completed(
     assert status["artifact_path"] == completed.artifact_path
     manifest = json.loads((Path(completed.artifact_path) / "manifest.json").read_text())
     assert manifest["run_id"] == run_id
+
+    # Lightning writes nothing into the worker's working directory and no progress bar into its log.
+    assert list(stack.worker_cwd.iterdir()) == []
+    log = stack.worker.log()
+    assert f"Task trainer.train[{status['job_id']}] succeeded" in log
+    assert "it/s]" not in log
+    assert "lightning_logs" not in log
+    assert "Trainable params" not in log
 
 
 def test_a_corpus_too_small_fails_as_a_user_error_and_the_worker_takes_the_next_run(

@@ -247,6 +247,9 @@ def test_explicit_null_optionals_decode_as_unset(event: TrainEvent) -> None:
         ('{"type": "trainer.train.exploded.v1"}', "unknown or missing type 'trainer.train.exploded.v1'"),
         ('{"type": 7}', "unknown or missing type 7"),
         ('{"type": ["trainer.train.started.v1"]}', "unknown or missing type"),
+        ("[" * 100_000, "invalid JSON"),
+        ('{"type":"trainer.train.progress.v1","loss":NaN}', "NaN is not JSON"),
+        ('{"type":"trainer.train.progress.v1","loss":-Infinity}', "-Infinity is not JSON"),
     ],
 )
 def test_malformed_payloads(raw: str | bytes, needle: str) -> None:

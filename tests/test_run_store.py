@@ -252,6 +252,7 @@ def test_user_index_keeps_the_run_ids(store: RunStore, redis_client: redis.Redis
     members = redis_client.zrange(user_runs_key(SNOWFLAKE), 0, -1, withscores=True)
     assert members == [(b"run-a", NOW), (b"run-b", NOW + 1)]
     assert redis_client.zrange(user_runs_key(7), 0, -1) == [b"run-c"]
+    assert 0 < redis_client.ttl(user_runs_key(7)) <= FINISHED_RUN_TTL_S
 
 
 def test_user_index_is_bounded_and_keeps_the_newest(store: RunStore, redis_client: redis.Redis) -> None:

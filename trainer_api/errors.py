@@ -84,6 +84,13 @@ def _message(error: HTTPException, status: int) -> str:
     data = getattr(error, "data", None)
     if isinstance(data, dict) and isinstance(data.get("message"), str):
         return str(data["message"])
+    if isinstance(data, dict) and isinstance(data.get("messages"), dict):
+        # webargs reports an unparsable body as {"json": ["Invalid JSON body."]}.
+        return "; ".join(
+            f"{location}: {' '.join(map(str, texts))}"
+            for location, texts in data["messages"].items()
+            if isinstance(texts, list)
+        ) or _MESSAGES.get(status, error.name)
     if status in _MESSAGES:
         return _MESSAGES[status]
     return error.description or error.name

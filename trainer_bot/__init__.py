@@ -1,0 +1,1 @@
+"""The Discord bot: slash commands that call the API, and direct messages from run events."""
