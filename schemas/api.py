@@ -140,3 +140,24 @@ class ErrorSchema(Schema):
 
 class HealthSchema(Schema):
     status = fields.String(required=True)
+
+
+class ModelSizeSchema(Schema):
+    size = fields.String(required=True)
+    n_layer = fields.Integer(required=True)
+    n_embd = fields.Integer(required=True)
+    n_head = fields.Integer(required=True)
+    params = fields.Integer(
+        required=True, metadata={"description": "at the reference vocabulary and context"}
+    )
+
+
+class ModelFamilySchema(Schema):
+    family = fields.String(required=True)
+    sizes = fields.List(fields.Nested(ModelSizeSchema), required=True)
+
+
+class ModelCatalogSchema(Schema):
+    default_family = fields.String(required=True)
+    default_size = fields.String(required=True)
+    families = fields.List(fields.Nested(ModelFamilySchema), required=True)

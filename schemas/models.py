@@ -18,7 +18,11 @@ class ModelShape:
         return self.n_layer * per_layer + embeddings + 2 * self.n_embd
 
 
-# Sizes are scaled for CPUs; counts at an 8,192-token vocabulary are in the README.
+# Parameter counts are quoted at this vocabulary and context; embeddings scale with both.
+REFERENCE_VOCAB = 8192
+REFERENCE_CONTEXT = 128
+
+# Sizes are scaled for CPUs.
 MODEL_FAMILIES: dict[str, dict[str, ModelShape]] = {
     "gpt2": {
         "tiny": ModelShape(n_layer=2, n_embd=128, n_head=2),

@@ -84,6 +84,14 @@ redis.call('HSET', KEYS[2], 'last_heartbeat_ts', ARGV[3])
 return 1
 """
 
+# Flags an active run for cooperative cancellation; answers the status found. KEYS[1] run hash.
+_REQUEST_CANCEL = """
+local status = redis.call('HGET', KEYS[1], 'status')
+if not status then return false end
+if status == 'queued' or status == 'running' then redis.call('HSET', KEYS[1], 'cancel_requested', '1') end
+return status
+"""
+
 _RELEASE = """
 if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
 return 0
@@ -98,6 +106,7 @@ class RunStore:
         self._transition = client.register_script(_TRANSITION)
         self._renew = client.register_script(_RENEW)
         self._release = client.register_script(_RELEASE)
+        self._request_cancel = client.register_script(_REQUEST_CANCEL)
 
     def create(
         self, *, run_id: str, job_id: str, user_id: int, request: dict[str, object], now: float
@@ -177,6 +186,17 @@ class RunStore:
         return self.transition(
             run_id, ("running",), status, {"message": message, "finished_at": now, **metrics}
         )
+
+    def request_cancel(self, run_id: str) -> RunStatus | None:
+        """Ask an active run to stop; answers the status it had (None for an unknown run).
+
+        The worker that trains the run sees the flag at its next heartbeat and stops; a queued run
+        ends canceled as soon as a worker picks it up. A finished run is left as it is.
+        """
+        found = self._request_cancel(keys=[run_key(run_id)])
+        if not isinstance(found, (bytes, str)):
+            return None
+        return _status(_text(found))
 
     def cancel_requested(self, run_id: str) -> bool:
         return self._redis.hget(run_key(run_id), "cancel_requested") in (b"1", "1")

@@ -801,3 +801,17 @@ def test_model_catalogue() -> None:
         for shape in sizes.values():
             assert shape.n_embd % shape.n_head == 0
             assert math.isfinite(shape.approx_params(8192, 1024))
+
+
+def test_models_lists_families_and_sizes_with_parameter_counts(client: FlaskClient) -> None:
+    response = client.get("/models")
+    assert response.status_code == 200
+    body = json_of(response)
+    assert body["default_family"] == "gpt2"
+    assert body["default_size"] == "small"
+    families = body["families"]
+    assert isinstance(families, list)
+    gpt2 = families[0]
+    assert gpt2["family"] == "gpt2"
+    assert [size["size"] for size in gpt2["sizes"]] == ["tiny", "small"]
+    assert gpt2["sizes"][0] == {"size": "tiny", "n_layer": 2, "n_embd": 128, "n_head": 2, "params": 1461760}

@@ -325,3 +325,17 @@ def test_ping_of_an_unreachable_redis_raises() -> None:
             RunStore(client).ping()
     finally:
         client.close()
+
+
+def test_request_cancel_flags_active_runs_only(store: RunStore, redis_client: redis.Redis) -> None:
+    _create(store, "queued-run")
+    _create(store, "done-run")
+    assert store.claim("done-run", "w", 60, NOW)
+    assert store.finish("done-run", "completed", "completed", NOW)
+
+    assert store.request_cancel("queued-run") == "queued"
+    assert store.cancel_requested("queued-run")
+    assert store.request_cancel("done-run") == "completed"
+    assert not store.cancel_requested("done-run")
+    assert store.request_cancel("ghost") is None
+    assert redis_client.exists(run_key("ghost")) == 0

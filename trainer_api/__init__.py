@@ -5,7 +5,7 @@ from __future__ import annotations
 from flask import Flask
 
 from schemas.settings import Settings
-from trainer_api import context, health, runs
+from trainer_api import context, health, models, runs
 from trainer_api.errors import TrainerApi
 from trainer_api.services import EXTENSION, Dispatch, build, send_train_task
 
@@ -29,4 +29,5 @@ def create_app(settings: Settings | None = None, dispatch: Dispatch = send_train
     api = TrainerApi(app)
     api.register_blueprint(health.blp)
     api.register_blueprint(runs.blp)
+    api.register_blueprint(models.blp)
     return app

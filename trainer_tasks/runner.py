@@ -71,6 +71,10 @@ def execute_run(run_id: str, worker: Worker) -> str:
     reporter = RunReporter(
         run_id=run_id, user_id=record.user_id, store=worker.store, bus=worker.bus, last_seq=record.last_seq
     )
+    if worker.store.cancel_requested(run_id):
+        reporter.failed("user", "canceled at the user's request before training started", canceled=True)
+        worker.store.release(run_id, worker.holder)
+        return "canceled"
     heartbeat = Heartbeat(
         worker.store,
         run_id,
