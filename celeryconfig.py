@@ -32,9 +32,16 @@ worker_send_task_events = True
 task_send_sent_event = True
 task_track_started = True
 
+# Tokenizer training and evaluation take seconds to minutes: their own queue and worker, so they
+# never wait hours behind a training run.
 TRAINING_QUEUE = "training"
+LIGHT_QUEUE = "light"
 task_default_queue = TRAINING_QUEUE
-task_routes = {"trainer.train": {"queue": TRAINING_QUEUE}}
+task_routes = {
+    "trainer.train": {"queue": TRAINING_QUEUE},
+    "trainer.tokenizer.train": {"queue": LIGHT_QUEUE},
+    "trainer.evaluate": {"queue": LIGHT_QUEUE},
+}
 
 worker_hijack_root_logger = False
 # Bounds a warm shutdown's wait for a running training; its message then goes back to the queue.

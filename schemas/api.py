@@ -38,6 +38,18 @@ class TrainRequestSchema(Schema):
         metadata={"description": "Discord user id to notify; 0 means no Discord user."},
     )
     seed = fields.Integer(strict=True, load_default=1337, validate=validate.Range(min=0, max=2**32 - 1))
+    holdout_fraction = fields.Float(
+        load_default=0.1,
+        validate=validate.Range(min=0, max=0.5, min_inclusive=False),
+        metadata={"description": "Share of the corpus's tokens held out for validation."},
+    )
+    test_fraction = fields.Float(
+        load_default=0.0,
+        validate=validate.Range(min=0, max=0.5, max_inclusive=False),
+        metadata={
+            "description": "Share held out as a test split for POST /runs/{run_id}/evaluate; 0 for none."
+        },
+    )
 
 
 @dataclass(frozen=True)
@@ -54,6 +66,9 @@ class TrainRequest:
     tokenizer_id: str
     user_id: int
     seed: int
+    holdout_fraction: float = 0.1
+    test_fraction: float = 0.0
+    corpus_id: str | None = None
 
     @classmethod
     def from_mapping(cls, data: Mapping[str, object]) -> TrainRequest:
@@ -71,11 +86,13 @@ class TrainRequest:
                 raise TypeError(f"train request field {name!r} must be an integer")
             return value
 
-        def number(name: str) -> float:
-            value = data.get(name)
+        def number(name: str, default: float | None = None) -> float:
+            value = data.get(name, default)
             if not isinstance(value, (int, float)) or isinstance(value, bool):
                 raise TypeError(f"train request field {name!r} must be a number")
             return float(value)
+
+        corpus_id = data.get("corpus_id")
 
         return cls(
             model_family=text("model_family"),
@@ -88,6 +105,9 @@ class TrainRequest:
             tokenizer_id=text("tokenizer_id"),
             user_id=integer("user_id"),
             seed=integer("seed"),
+            holdout_fraction=number("holdout_fraction", 0.1),
+            test_fraction=number("test_fraction", 0.0),
+            corpus_id=corpus_id if isinstance(corpus_id, str) else None,
         )
 
     def to_mapping(self) -> dict[str, object]:

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from typing import Literal
 
 import redis
+
+from schemas.records import compact_json, decoded, json_object, optional_float, text
 
 RunStatus = Literal["queued", "running", "completed", "failed", "canceled"]
 RUN_STATUSES: tuple[RunStatus, ...] = ("queued", "running", "completed", "failed", "canceled")
@@ -123,7 +124,7 @@ class RunStore:
                 "status": "queued",
                 "user_id": user_id,
                 "created_at": now,
-                "request": json.dumps(request, separators=(",", ":")),
+                "request": compact_json(request),
                 "message": "queued",
                 "attempt": 0,
             },
@@ -138,7 +139,7 @@ class RunStore:
         raw = self._redis.hgetall(run_key(run_id))
         if not raw:
             return None
-        return _parse_record({_text(key): _text(value) for key, value in raw.items()})
+        return _parse_record(decoded(raw))
 
     def claim(self, run_id: str, holder: str, lease_s: float, now: float) -> bool:
         """Take the run's lease and mark it running; False when another executor holds it or it ended."""
@@ -196,33 +197,16 @@ class RunStore:
         found = self._request_cancel(keys=[run_key(run_id)])
         if not isinstance(found, (bytes, str)):
             return None
-        return _status(_text(found))
+        return _status(text(found))
 
     def cancel_requested(self, run_id: str) -> bool:
         return self._redis.hget(run_key(run_id), "cancel_requested") in (b"1", "1")
 
     def save_progress(self, run_id: str, progress: dict[str, object]) -> None:
-        self._redis.hset(run_key(run_id), "progress", json.dumps(progress, separators=(",", ":")))
+        self._redis.hset(run_key(run_id), "progress", compact_json(progress))
 
     def ping(self) -> bool:
         return bool(self._redis.ping())
-
-
-def _text(value: bytes | str) -> str:
-    return value.decode() if isinstance(value, bytes) else value
-
-
-def _optional_float(raw: dict[str, str], name: str) -> float | None:
-    value = raw.get(name)
-    return float(value) if value else None
-
-
-def _json_object(raw: dict[str, str], name: str) -> dict[str, object] | None:
-    value = raw.get(name)
-    if not value:
-        return None
-    parsed: object = json.loads(value)
-    return {str(k): v for k, v in parsed.items()} if isinstance(parsed, dict) else None
 
 
 def _status(value: str) -> RunStatus:
@@ -239,15 +223,15 @@ def _parse_record(raw: dict[str, str]) -> RunRecord:
         status=_status(raw["status"]),
         user_id=int(raw["user_id"]),
         created_at=float(raw["created_at"]),
-        request=_json_object(raw, "request") or {},
+        request=json_object(raw, "request") or {},
         message=raw.get("message", ""),
         attempt=int(raw.get("attempt", "0")),
-        started_at=_optional_float(raw, "started_at"),
-        finished_at=_optional_float(raw, "finished_at"),
-        last_heartbeat_ts=_optional_float(raw, "last_heartbeat_ts"),
-        progress=_json_object(raw, "progress"),
-        loss=_optional_float(raw, "loss"),
-        perplexity=_optional_float(raw, "perplexity"),
+        started_at=optional_float(raw, "started_at"),
+        finished_at=optional_float(raw, "finished_at"),
+        last_heartbeat_ts=optional_float(raw, "last_heartbeat_ts"),
+        progress=json_object(raw, "progress"),
+        loss=optional_float(raw, "loss"),
+        perplexity=optional_float(raw, "perplexity"),
         artifact_path=raw.get("artifact_path") or None,
         error_kind=raw.get("error_kind") or None,
         cancel_requested=raw.get("cancel_requested") == "1",

@@ -22,10 +22,22 @@ class Settings:
     max_seq_len: int = 1024
     max_batch_size: int = 512
     max_body_bytes: int = 1024 * 1024
+    max_corpus_bytes: int = 50 * 1024 * 1024
     progress_interval_s: float = 2.0
     heartbeat_interval_s: float = 5.0
     lease_s: float = 60.0
     events_stream_maxlen: int = 100_000
+
+    def run_dir(self, run_id: str) -> Path:
+        """A run's working folder: checkpoints and data splits (never served)."""
+        return self.runs_root / run_id
+
+    def model_dir(self, run_id: str) -> Path:
+        """A run's artifact folder, the only one the API serves files from."""
+        return self.artifacts_root / "models" / run_id
+
+    def tokenizer_dir(self, tokenizer_id: str) -> Path:
+        return self.artifacts_root / "tokenizers" / tokenizer_id
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
@@ -52,6 +64,7 @@ class Settings:
             max_seq_len=number("APP__MAX_SEQ_LEN", defaults.max_seq_len),
             max_batch_size=number("APP__MAX_BATCH_SIZE", defaults.max_batch_size),
             max_body_bytes=number("APP__MAX_BODY_BYTES", defaults.max_body_bytes),
+            max_corpus_bytes=number("APP__MAX_CORPUS_BYTES", defaults.max_corpus_bytes),
             progress_interval_s=seconds("APP__PROGRESS_INTERVAL_S", defaults.progress_interval_s),
             heartbeat_interval_s=seconds("APP__HEARTBEAT_INTERVAL_S", defaults.heartbeat_interval_s),
             lease_s=seconds("APP__LEASE_S", defaults.lease_s),

@@ -13,6 +13,7 @@ from flask.testing import FlaskClient
 from schemas.settings import Settings
 from scripts import devstack
 from trainer_api import create_app
+from trainer_tasks.app import TRAIN_TASK
 
 
 @pytest.fixture(scope="session")
@@ -53,10 +54,15 @@ class DispatchRecorder:
     """Stands in for Celery's send_task in API-only tests; records what would be queued."""
 
     def __init__(self) -> None:
-        self.sent: list[tuple[str, str]] = []
+        self.calls: list[tuple[str, list[str], str]] = []
 
-    def __call__(self, run_id: str, job_id: str) -> None:
-        self.sent.append((run_id, job_id))
+    def __call__(self, name: str, args: list[str], task_id: str) -> None:
+        self.calls.append((name, args, task_id))
+
+    @property
+    def sent(self) -> list[tuple[str, str]]:
+        """Training runs queued, as (run_id, job_id)."""
+        return [(args[0], task_id) for name, args, task_id in self.calls if name == TRAIN_TASK]
 
 
 @pytest.fixture

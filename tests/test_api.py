@@ -517,7 +517,7 @@ def test_nested_and_plain_field_errors_are_flattened(crashing_app: Flask) -> Non
 def test_dispatch_unavailable_is_503_and_the_run_ends_failed(
     settings: Settings, redis_client: redis.Redis, failure: Exception, caplog: pytest.LogCaptureFixture
 ) -> None:
-    def dispatch(run_id: str, job_id: str) -> None:
+    def dispatch(name: str, args: list[str], task_id: str) -> None:
         raise failure
 
     client = create_app(settings, dispatch=dispatch).test_client()
@@ -535,7 +535,7 @@ def test_dispatch_unavailable_is_503_and_the_run_ends_failed(
 
 
 def test_dispatch_crash_is_500_and_the_run_ends_failed(settings: Settings, redis_client: redis.Redis) -> None:
-    def dispatch(run_id: str, job_id: str) -> None:
+    def dispatch(name: str, args: list[str], task_id: str) -> None:
         raise ValueError("secret detail")
 
     response = submit(create_app(settings, dispatch=dispatch).test_client(), valid_body())

@@ -7,10 +7,10 @@ from flask import Flask
 from schemas.settings import Settings
 from trainer_api import context, health, models, runs
 from trainer_api.errors import TrainerApi
-from trainer_api.services import EXTENSION, Dispatch, build, send_train_task
+from trainer_api.services import EXTENSION, Dispatch, build, send_task
 
 
-def create_app(settings: Settings | None = None, dispatch: Dispatch = send_train_task) -> Flask:
+def create_app(settings: Settings | None = None, dispatch: Dispatch = send_task) -> Flask:
     settings = settings or Settings.from_env()
     app = Flask(__name__)
     app.config.update(

@@ -20,6 +20,7 @@ from schemas.models import MODEL_FAMILIES, model_shape
 from schemas.runs import RunRecord
 from schemas.settings import Settings
 from trainer_api.services import services
+from trainer_tasks.app import TRAIN_TASK
 
 blp = Blueprint("runs", __name__, url_prefix="/runs", description="Training runs")
 
@@ -44,7 +45,7 @@ def submit_training(body: Mapping[str, object]) -> dict[str, str]:
         run_id=run_id, job_id=job_id, user_id=request.user_id, request=request.to_mapping(), now=time.time()
     )
     try:
-        found.dispatch(run_id, job_id)
+        found.dispatch(TRAIN_TASK, [run_id], job_id)
     except Exception:
         found.store.transition(
             run_id,

@@ -10,10 +10,11 @@ from flask import current_app
 
 from schemas.runs import RunStore
 from schemas.settings import Settings
-from trainer_tasks.app import TRAIN_TASK, celery_app
+from trainer_tasks.app import celery_app
 
 EXTENSION = "trainer"
-Dispatch = Callable[[str, str], None]
+# (task name, arguments, task id): the API names tasks and never imports the code that runs them.
+Dispatch = Callable[[str, list[str], str], None]
 
 
 @dataclass(frozen=True)
@@ -24,12 +25,12 @@ class Services:
     dispatch: Dispatch
 
 
-def send_train_task(run_id: str, job_id: str) -> None:
-    """Send by name: the API never imports the training code."""
-    celery_app.send_task(TRAIN_TASK, args=[run_id], task_id=job_id)
+def send_task(name: str, args: list[str], task_id: str) -> None:
+    """Send by name; celeryconfig's task_routes pick the queue."""
+    celery_app.send_task(name, args=args, task_id=task_id)
 
 
-def build(settings: Settings, dispatch: Dispatch = send_train_task) -> Services:
+def build(settings: Settings, dispatch: Dispatch = send_task) -> Services:
     client = redis.Redis.from_url(
         settings.redis_url, socket_timeout=5, socket_connect_timeout=2, health_check_interval=30
     )

@@ -3,6 +3,8 @@
 from celery import Celery
 
 TRAIN_TASK = "trainer.train"
+TOKENIZER_TASK = "trainer.tokenizer.train"
+EVALUATE_TASK = "trainer.evaluate"
 
 celery_app = Celery("trainer", include=["trainer_tasks.tasks"])
 celery_app.config_from_object("celeryconfig")

@@ -1,0 +1,30 @@
+"""Helpers for reading typed values out of Redis hashes."""
+
+from __future__ import annotations
+
+import json
+
+
+def text(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value
+
+
+def decoded(raw: dict[bytes | str, bytes | str]) -> dict[str, str]:
+    return {text(key): text(value) for key, value in raw.items()}
+
+
+def optional_float(raw: dict[str, str], name: str) -> float | None:
+    value = raw.get(name)
+    return float(value) if value else None
+
+
+def json_object(raw: dict[str, str], name: str) -> dict[str, object] | None:
+    value = raw.get(name)
+    if not value:
+        return None
+    parsed: object = json.loads(value)
+    return {str(k): v for k, v in parsed.items()} if isinstance(parsed, dict) else None
+
+
+def compact_json(value: object) -> str:
+    return json.dumps(value, separators=(",", ":"))

@@ -1,0 +1,387 @@
+"""trainer_tasks.callbacks: EventCallback inside a real (tiny) Lightning Trainer, and scalar()."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from pathlib import Path
+
+import lightning as L
+import pytest
+import redis
+import torch
+from torch.nn import functional
+from torch.utils.data import DataLoader, TensorDataset
+
+from schemas.events import (
+    EVENTS_STREAM,
+    NotAnEvent,
+    TrainCompleted,
+    TrainEvent,
+    TrainFailed,
+    TrainProgress,
+    TrainStarted,
+    decode_event,
+)
+from schemas.runs import RunRecord, RunStore
+from trainer_tasks.callbacks import EventCallback, scalar
+from trainer_tasks.errors import RunCanceled, UserError
+from trainer_tasks.events import EventBus
+from trainer_tasks.reporting import RunReporter
+
+RUN_ID = "run-1"
+USER_ID = 123456789012345678
+SAMPLES = 8
+BATCH = 2
+STEPS_PER_EPOCH = SAMPLES // BATCH
+TOKENS_PER_SAMPLE = 16
+LEARNING_RATE = 0.01
+ARTIFACT_PATH = "/var/artifacts/models/run-1"
+
+
+class TinyModule(L.LightningModule):
+    """A linear regression: a Lightning fit in milliseconds; optionally logs val_loss or diverges."""
+
+    def __init__(self, *, validate: bool = True, nan_from_step: int | None = None) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.layer = torch.nn.Linear(4, 1)
+        self.validate = validate
+        self.nan_from_step = nan_from_step
+
+    def _loss(self, batch: list[torch.Tensor]) -> torch.Tensor:
+        features, targets = batch
+        return functional.mse_loss(self.layer(features), targets)
+
+    def training_step(self, batch: list[torch.Tensor], batch_idx: int) -> torch.Tensor:
+        loss = self._loss(batch)
+        if self.nan_from_step is not None and self.global_step >= self.nan_from_step:
+            return loss * math.nan
+        return loss
+
+    def validation_step(self, batch: list[torch.Tensor], batch_idx: int) -> None:
+        if self.validate:
+            self.log("val_loss", self._loss(batch), on_epoch=True)
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.SGD(self.parameters(), lr=LEARNING_RATE)
+
+
+def loader() -> DataLoader[tuple[torch.Tensor, ...]]:
+    generator = torch.Generator().manual_seed(0)
+    features = torch.randn(SAMPLES, 4, generator=generator)
+    targets = torch.randn(SAMPLES, 1, generator=generator)
+    return DataLoader(TensorDataset(features, targets), batch_size=BATCH)
+
+
+def trainer(root: Path, callback: EventCallback, epochs: int = 2) -> L.Trainer:
+    return L.Trainer(
+        max_epochs=epochs,
+        accelerator="cpu",
+        devices=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        default_root_dir=root,
+        callbacks=[callback],
+    )
+
+
+def fit(trainer: L.Trainer, module: TinyModule) -> None:
+    trainer.fit(module, train_dataloaders=loader(), val_dataloaders=loader() if module.validate else None)
+
+
+class Counter:
+    """A clock answering 0.0, 1.0, 2.0, ... one second further on each call."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+
+    def __call__(self) -> float:
+        self.calls += 1
+        return float(self.calls - 1)
+
+
+class SavedArtifacts:
+    def __init__(self) -> None:
+        self.modules: list[L.LightningModule] = []
+
+    def __call__(self, module: L.LightningModule) -> str:
+        self.modules.append(module)
+        return ARTIFACT_PATH
+
+
+class CancelAfter:
+    """Says "cancel" from its `calls`-th call on."""
+
+    def __init__(self, calls: int) -> None:
+        self.calls = 0
+        self._after = calls
+
+    def __call__(self) -> bool:
+        self.calls += 1
+        return self.calls >= self._after
+
+
+@pytest.fixture
+def store(redis_client: redis.Redis) -> RunStore:
+    store = RunStore(redis_client)
+    store.create(run_id=RUN_ID, job_id="job-1", user_id=USER_ID, request={}, now=1.0)
+    assert store.claim(RUN_ID, "worker-a", 60, 2.0)
+    return store
+
+
+@pytest.fixture
+def reporter(store: RunStore, redis_client: redis.Redis) -> RunReporter:
+    return RunReporter(
+        run_id=RUN_ID, user_id=USER_ID, store=store, bus=EventBus(redis_client, 1000), clock=lambda: 9.0
+    )
+
+
+@pytest.fixture
+def saved() -> SavedArtifacts:
+    return SavedArtifacts()
+
+
+def started() -> TrainStarted:
+    return TrainStarted(
+        request_id=RUN_ID,
+        run_id=RUN_ID,
+        user_id=USER_ID,
+        model_family="gpt2",
+        model_size="tiny",
+        total_epochs=2,
+        queue="training",
+    )
+
+
+def callback(
+    reporter: RunReporter,
+    saved: SavedArtifacts,
+    *,
+    interval_s: float = 1e9,
+    clock: Callable[[], float] = lambda: 0.0,
+    cancel_requested: Callable[[], bool] = lambda: False,
+) -> EventCallback:
+    return EventCallback(
+        reporter,
+        started=started(),
+        save_artifacts=saved,
+        interval_s=interval_s,
+        samples_per_step=BATCH,
+        tokens_per_sample=TOKENS_PER_SAMPLE,
+        learning_rate=LEARNING_RATE,
+        cancel_requested=cancel_requested,
+        clock=clock,
+    )
+
+
+def sent_events(client: redis.Redis) -> list[TrainEvent]:
+    events: list[TrainEvent] = []
+    for _, fields in client.xrange(EVENTS_STREAM):
+        event = decode_event(fields[b"event"])
+        assert not isinstance(event, NotAnEvent)
+        events.append(event)
+    return events
+
+
+def progress_events(client: redis.Redis) -> list[TrainProgress]:
+    return [event for event in sent_events(client) if isinstance(event, TrainProgress)]
+
+
+def record_of(store: RunStore) -> RunRecord:
+    record = store.get(RUN_ID)
+    assert record is not None
+    return record
+
+
+def test_a_fit_sends_started_progress_then_completed(
+    tmp_path: Path, reporter: RunReporter, saved: SavedArtifacts, store: RunStore, redis_client: redis.Redis
+) -> None:
+    module = TinyModule()
+    run = trainer(tmp_path, callback(reporter, saved))
+    fit(run, module)
+    events = sent_events(redis_client)
+    assert [type(event) for event in events] == [TrainStarted, TrainProgress, TrainProgress, TrainCompleted]
+    assert [event.seq for event in events] == [1, 2, 3, 4]
+    first, second, done = events[1], events[2], events[3]
+    assert isinstance(first, TrainProgress)
+    assert isinstance(second, TrainProgress)
+    assert isinstance(done, TrainCompleted)
+    assert [(first.epoch, first.step), (second.epoch, second.step)] == [(1, 4), (2, 8)]
+    assert first.total_epochs == second.total_epochs == 2
+    assert math.isfinite(first.loss)
+    # The clock never moved, so no rate can be computed.
+    assert first.samples_per_sec is None
+    assert first.tokens_per_sec is None
+    # Validation runs before the epoch's end, so the epoch's progress carries its val_loss.
+    assert first.val_loss is not None
+    assert second.val_loss is not None
+    val_loss = scalar(run.callback_metrics["val_loss"])
+    assert val_loss is not None
+    assert second.val_loss == pytest.approx(val_loss)
+    assert done.loss == pytest.approx(val_loss)
+    assert done.perplexity == pytest.approx(math.exp(val_loss))
+    assert done.artifact_path == ARTIFACT_PATH
+    assert saved.modules == [module]
+    record = record_of(store)
+    assert (record.status, record.artifact_path) == ("completed", ARTIFACT_PATH)
+    assert record.loss == pytest.approx(val_loss)
+
+
+def test_a_huge_interval_sends_one_progress_per_epoch(
+    tmp_path: Path, reporter: RunReporter, saved: SavedArtifacts, redis_client: redis.Redis
+) -> None:
+    fit(trainer(tmp_path, callback(reporter, saved, interval_s=1e9, clock=Counter()), epochs=3), TinyModule())
+    assert [(event.epoch, event.step) for event in progress_events(redis_client)] == [(1, 4), (2, 8), (3, 12)]
+
+
+def test_a_zero_interval_sends_progress_every_step_and_at_each_epoch_end(
+    tmp_path: Path, reporter: RunReporter, saved: SavedArtifacts, redis_client: redis.Redis
+) -> None:
+    fit(trainer(tmp_path, callback(reporter, saved, interval_s=0.0)), TinyModule())
+    steps = [event.step for event in progress_events(redis_client)]
+    assert steps == [1, 2, 3, 4, 4, 5, 6, 7, 8, 8]
+
+
+def test_progress_is_throttled_by_time_and_measures_the_rate(
+    tmp_path: Path, reporter: RunReporter, saved: SavedArtifacts, redis_client: redis.Redis
+) -> None:
+    # The clock reads 0 at the start, then 1, 2, 3 at the batch ends: step 3 is the first 2.5 s later.
+    clock = Counter()
+    fit(trainer(tmp_path, callback(reporter, saved, interval_s=2.5, clock=clock), epochs=1), TinyModule())
+    progress = progress_events(redis_client)
+    assert [event.step for event in progress] == [3, 4]
+    # Step 3 sent at t=4 (3 steps in 4 s); the epoch's end at t=6 (1 step in 2 s); 2 samples a step.
+    assert [event.samples_per_sec for event in progress] == [1.5, 1.0]
+    assert [event.tokens_per_sec for event in progress] == [1.5 * TOKENS_PER_SAMPLE, 1.0 * TOKENS_PER_SAMPLE]
+
+
+def test_a_non_finite_training_loss_fails_the_run_as_the_users(
+    tmp_path: Path, reporter: RunReporter, saved: SavedArtifacts, store: RunStore, redis_client: redis.Redis
+) -> None:
+    run = trainer(tmp_path, callback(reporter, saved))
+    with pytest.raises(UserError, match="lower the learning rate") as raised:
+        fit(run, TinyModule(nan_from_step=2))
+    assert "nan" in str(raised.value)
+    assert "at step 3" in str(raised.value)
+    events = sent_events(redis_client)
+    assert [type(event) for event in events] == [TrainStarted, TrainFailed]
+    failed = events[-1]
+    assert isinstance(failed, TrainFailed)
+    assert (failed.error_kind, failed.status) == ("user", "failed")
+    assert f"it was {LEARNING_RATE:g}" in failed.message
+    record = record_of(store)
+    assert (record.status, record.error_kind, record.message) == ("failed", "user", failed.message)
+    assert saved.modules == []
+
+
+def test_no_validation_loss_at_the_end_fails_the_run_as_the_users(
+    tmp_path: Path, reporter: RunReporter, saved: SavedArtifacts, store: RunStore, redis_client: redis.Redis
+) -> None:
+    with pytest.raises(UserError, match="validation loss is None"):
+        fit(trainer(tmp_path, callback(reporter, saved), epochs=1), TinyModule(validate=False))
+    failed = sent_events(redis_client)[-1]
+    assert isinstance(failed, TrainFailed)
+    assert "lower the learning rate" in failed.message
+    assert record_of(store).status == "failed"
+    assert saved.modules == []
+
+
+def test_a_cancel_request_stops_training_and_ends_canceled(
+    tmp_path: Path, reporter: RunReporter, saved: SavedArtifacts, store: RunStore, redis_client: redis.Redis
+) -> None:
+    cancel = CancelAfter(calls=2)
+    run = trainer(tmp_path, callback(reporter, saved, cancel_requested=cancel), epochs=3)
+    with pytest.raises(RunCanceled):
+        fit(run, TinyModule())
+    # Asked once per step; the second step's answer stops the fit at the next check.
+    assert run.global_step == 2
+    assert cancel.calls == 2
+    events = sent_events(redis_client)
+    assert isinstance(events[0], TrainStarted)
+    failed = events[-1]
+    assert isinstance(failed, TrainFailed)
+    assert (failed.status, failed.error_kind) == ("canceled", "user")
+    assert not any(isinstance(event, TrainCompleted) for event in events)
+    assert record_of(store).status == "canceled"
+    assert saved.modules == []
+
+
+def test_a_shutdown_is_not_reported_as_a_failure(
+    tmp_path: Path, reporter: RunReporter, saved: SavedArtifacts, store: RunStore, redis_client: redis.Redis
+) -> None:
+    events = callback(reporter, saved)
+    run, module = trainer(tmp_path, events), TinyModule()
+    events.on_exception(run, module, SystemExit(0))
+    assert reporter.finished is False
+    assert sent_events(redis_client) == []
+    assert record_of(store).status == "running"
+    events.on_exception(run, module, OSError("disk full at /secret"))
+    [failed] = sent_events(redis_client)
+    assert isinstance(failed, TrainFailed)
+    assert failed.error_kind == "system"
+    assert "OSError" in failed.message
+    assert "/secret" not in failed.message
+
+
+class NotRankZero(L.Trainer):
+    """A trainer in a process other than rank zero, as in a multi-device run."""
+
+    @property
+    def is_global_zero(self) -> bool:
+        return False
+
+
+def test_only_rank_zero_reports_completed(
+    tmp_path: Path, reporter: RunReporter, saved: SavedArtifacts, store: RunStore, redis_client: redis.Redis
+) -> None:
+    events, module = callback(reporter, saved), TinyModule()
+    other = NotRankZero(logger=False, enable_checkpointing=False, enable_progress_bar=False, callbacks=[])
+    other.callback_metrics["val_loss"] = torch.tensor(2.0)
+    events.on_fit_end(other, module)
+    # Every rank saves (save_pretrained coordinates), but only rank zero records and sends.
+    assert saved.modules == [module]
+    assert sent_events(redis_client) == []
+    assert record_of(store).status == "running"
+    zero = trainer(tmp_path, events)
+    zero.callback_metrics["val_loss"] = torch.tensor(2.0)
+    events.on_fit_end(zero, module)
+    [done] = sent_events(redis_client)
+    assert isinstance(done, TrainCompleted)
+    assert done.loss == 2.0
+    assert done.perplexity == pytest.approx(math.exp(2.0))
+    assert record_of(store).status == "completed"
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [
+        (torch.tensor(2.5), 2.5),
+        (torch.tensor([1.5]), 1.5),
+        (torch.tensor(3.0, requires_grad=True) * 1, 3.0),
+        (torch.tensor([1.0, 2.0]), None),
+        ({"loss": torch.tensor(0.75)}, 0.75),
+        ({"loss": 4}, 4.0),
+        ({"other": torch.tensor(1.0)}, None),
+        (3, 3.0),
+        (2.25, 2.25),
+        (math.inf, math.inf),
+        (True, None),
+        (False, None),
+        (None, None),
+        ("1.5", None),
+    ],
+)
+def test_scalar(value: object, expected: float | None) -> None:
+    result = scalar(value)
+    assert result == expected
+    assert result is None or type(result) is float
+
+
+def test_scalar_keeps_nan() -> None:
+    result = scalar(torch.tensor(math.nan))
+    assert result is not None
+    assert math.isnan(result)

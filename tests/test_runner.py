@@ -1,0 +1,448 @@
+"""trainer_tasks.runner.execute_run and the Celery task wrappers, on the real store and bus."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import socket
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+import redis
+
+from schemas.api import TrainRequest
+from schemas.events import EVENTS_STREAM, NotAnEvent, TrainCompleted, TrainEvent, TrainFailed, decode_event
+from schemas.runs import RunRecord, RunStore, lease_key, run_key
+from schemas.settings import Settings
+from trainer_tasks import tasks
+from trainer_tasks.app import TRAIN_TASK, app, celery_app
+from trainer_tasks.errors import RunCanceled, UserError
+from trainer_tasks.events import EventBus
+from trainer_tasks.runner import RunContext, TrainFn, Worker, execute_run, load_training
+
+RUN_ID = "run-1"
+USER_ID = 123456789012345678
+HOLDER = "host:1:abcd"
+
+
+def request_mapping(corpus: Path) -> dict[str, object]:
+    return TrainRequest(
+        model_family="gpt2",
+        model_size="tiny",
+        max_seq_len=16,
+        num_epochs=1,
+        batch_size=4,
+        learning_rate=1e-3,
+        corpus_path=str(corpus),
+        tokenizer_id="auto",
+        user_id=USER_ID,
+        seed=1337,
+    ).to_mapping()
+
+
+class Requeued:
+    def __init__(self) -> None:
+        self.run_ids: list[str] = []
+
+    def __call__(self, run_id: str) -> None:
+        self.run_ids.append(run_id)
+
+
+class FakeTraining:
+    """Stands in for trainer_tasks.training.train: records its contexts, then does what it is told."""
+
+    def __init__(self, body: Callable[[RunContext], None]) -> None:
+        self.body = body
+        self.contexts: list[RunContext] = []
+
+    def load(self) -> TrainFn:
+        return self.run
+
+    def run(self, context: RunContext) -> None:
+        self.contexts.append(context)
+        self.body(context)
+
+
+@pytest.fixture
+def store(redis_client: redis.Redis) -> RunStore:
+    return RunStore(redis_client)
+
+
+@pytest.fixture
+def requeued() -> Requeued:
+    return Requeued()
+
+
+@pytest.fixture
+def worker_settings(settings: Settings) -> Settings:
+    return dataclasses.replace(settings, heartbeat_interval_s=0.01, lease_s=30.0, progress_interval_s=0.5)
+
+
+def make_worker(
+    settings: Settings, redis_client: redis.Redis, requeued: Requeued, training: FakeTraining
+) -> Worker:
+    return Worker(
+        settings=settings,
+        store=RunStore(redis_client),
+        bus=EventBus(redis_client, settings.events_stream_maxlen),
+        holder=HOLDER,
+        queue="training",
+        requeue=requeued,
+        train=training.load,
+    )
+
+
+@pytest.fixture
+def create_run(store: RunStore, corpus_root: Path) -> Callable[[], RunRecord]:
+    def create() -> RunRecord:
+        return store.create(
+            run_id=RUN_ID,
+            job_id="job-1",
+            user_id=USER_ID,
+            request=request_mapping(corpus_root / "notes.txt"),
+            now=1.0,
+        )
+
+    return create
+
+
+def record_of(store: RunStore) -> RunRecord:
+    record = store.get(RUN_ID)
+    assert record is not None
+    return record
+
+
+def sent_events(client: redis.Redis) -> list[TrainEvent]:
+    events: list[TrainEvent] = []
+    for _, fields in client.xrange(EVENTS_STREAM):
+        event = decode_event(fields[b"event"])
+        assert not isinstance(event, NotAnEvent)
+        events.append(event)
+    return events
+
+
+def completes(context: RunContext) -> None:
+    context.reporter.completed(
+        TrainCompleted(
+            request_id=context.run_id,
+            run_id=context.run_id,
+            user_id=context.request.user_id,
+            loss=1.5,
+            perplexity=4.48,
+            artifact_path=str(context.artifact_dir),
+        )
+    )
+
+
+def raises(exc: BaseException) -> Callable[[RunContext], None]:
+    def body(context: RunContext) -> None:
+        raise exc
+
+    return body
+
+
+def never_called(context: RunContext) -> None:
+    raise AssertionError("train must not be called")
+
+
+def test_missing_record(worker_settings: Settings, redis_client: redis.Redis, requeued: Requeued) -> None:
+    training = FakeTraining(never_called)
+    assert execute_run("nope", make_worker(worker_settings, redis_client, requeued, training)) == "missing"
+    assert training.contexts == []
+    assert not redis_client.exists(lease_key("nope"))
+
+
+@pytest.mark.parametrize("status", ["completed", "failed", "canceled"])
+def test_a_terminal_record_is_answered_without_training(
+    status: str,
+    worker_settings: Settings,
+    redis_client: redis.Redis,
+    requeued: Requeued,
+    store: RunStore,
+    create_run: Callable[[], RunRecord],
+) -> None:
+    create_run()
+    redis_client.hset(run_key(RUN_ID), "status", status)
+    training = FakeTraining(never_called)
+    assert execute_run(RUN_ID, make_worker(worker_settings, redis_client, requeued, training)) == status
+    assert training.contexts == []
+    assert not redis_client.exists(lease_key(RUN_ID))
+    assert record_of(store).attempt == 0
+
+
+def test_a_lease_held_by_another_executor_skips(
+    worker_settings: Settings,
+    redis_client: redis.Redis,
+    requeued: Requeued,
+    store: RunStore,
+    create_run: Callable[[], RunRecord],
+) -> None:
+    create_run()
+    redis_client.set(lease_key(RUN_ID), "host:2:ffff", px=60_000)
+    training = FakeTraining(never_called)
+    assert execute_run(RUN_ID, make_worker(worker_settings, redis_client, requeued, training)) == "skipped"
+    assert training.contexts == []
+    assert record_of(store).status == "queued"
+    assert redis_client.get(lease_key(RUN_ID)) == b"host:2:ffff"
+
+
+def test_a_run_that_completes(
+    worker_settings: Settings,
+    redis_client: redis.Redis,
+    requeued: Requeued,
+    store: RunStore,
+    create_run: Callable[[], RunRecord],
+) -> None:
+    create_run()
+    training = FakeTraining(completes)
+    assert execute_run(RUN_ID, make_worker(worker_settings, redis_client, requeued, training)) == "completed"
+    record = record_of(store)
+    assert (record.status, record.attempt, record.loss) == ("completed", 1, 1.5)
+    assert record.started_at is not None
+    assert redis_client.hget(run_key(RUN_ID), "worker") == HOLDER.encode()
+    assert not redis_client.exists(lease_key(RUN_ID))
+    events = sent_events(redis_client)
+    assert [type(event) for event in events] == [TrainCompleted]
+    assert events[0].seq == 1
+    assert requeued.run_ids == []
+
+
+def test_the_context_carries_the_request_dirs_and_cancel_flag(
+    worker_settings: Settings,
+    redis_client: redis.Redis,
+    requeued: Requeued,
+    store: RunStore,
+    create_run: Callable[[], RunRecord],
+    corpus_root: Path,
+) -> None:
+    create_run()
+    seen_cancel: list[bool] = []
+
+    def body(context: RunContext) -> None:
+        assert redis_client.get(lease_key(RUN_ID)) == HOLDER.encode()
+        assert record_of(store).status == "running"
+        seen_cancel.append(context.cancel_requested())
+        redis_client.hset(run_key(RUN_ID), "cancel_requested", "1")
+        deadline = time.monotonic() + 5.0
+        while not context.cancel_requested() and time.monotonic() < deadline:
+            time.sleep(0.01)
+        seen_cancel.append(context.cancel_requested())
+        context.reporter.failed_with(RunCanceled())
+
+    training = FakeTraining(body)
+    assert execute_run(RUN_ID, make_worker(worker_settings, redis_client, requeued, training)) == "canceled"
+    [context] = training.contexts
+    assert context.run_id == RUN_ID
+    assert context.request == TrainRequest.from_mapping(request_mapping(corpus_root / "notes.txt"))
+    assert context.run_dir == worker_settings.runs_root / RUN_ID
+    assert context.artifact_dir == worker_settings.artifacts_root / "models" / RUN_ID
+    assert context.queue == "training"
+    assert context.progress_interval_s == 0.5
+    assert context.reporter.run_id == RUN_ID
+    assert context.reporter.user_id == USER_ID
+    assert seen_cancel == [False, True]
+    # The heartbeat ran beside the training.
+    assert (record_of(store).last_heartbeat_ts or 0.0) > 1.0
+
+
+def test_events_continue_the_records_sequence(
+    worker_settings: Settings,
+    redis_client: redis.Redis,
+    requeued: Requeued,
+    create_run: Callable[[], RunRecord],
+) -> None:
+    create_run()
+    redis_client.hset(run_key(RUN_ID), "last_seq", 6)
+    training = FakeTraining(completes)
+    execute_run(RUN_ID, make_worker(worker_settings, redis_client, requeued, training))
+    assert [event.seq for event in sent_events(redis_client)] == [7]
+
+
+def test_a_user_error_fails_the_run_as_the_users(
+    worker_settings: Settings,
+    redis_client: redis.Redis,
+    requeued: Requeued,
+    store: RunStore,
+    create_run: Callable[[], RunRecord],
+) -> None:
+    create_run()
+    training = FakeTraining(raises(UserError("the corpus is too small")))
+    assert execute_run(RUN_ID, make_worker(worker_settings, redis_client, requeued, training)) == "failed"
+    record = record_of(store)
+    assert (record.error_kind, record.message) == ("user", "the corpus is too small")
+    [event] = sent_events(redis_client)
+    assert isinstance(event, TrainFailed)
+    assert (event.error_kind, event.status, event.message) == ("user", "failed", "the corpus is too small")
+    assert not redis_client.exists(lease_key(RUN_ID))
+
+
+def test_an_internal_error_fails_the_run_as_ours_without_its_text(
+    worker_settings: Settings,
+    redis_client: redis.Redis,
+    requeued: Requeued,
+    store: RunStore,
+    create_run: Callable[[], RunRecord],
+) -> None:
+    create_run()
+    training = FakeTraining(raises(RuntimeError("secret")))
+    assert execute_run(RUN_ID, make_worker(worker_settings, redis_client, requeued, training)) == "failed"
+    record = record_of(store)
+    assert record.error_kind == "system"
+    assert "RuntimeError" in record.message
+    assert "secret" not in record.message
+    [event] = sent_events(redis_client)
+    assert isinstance(event, TrainFailed)
+    assert "secret" not in event.message
+    assert not redis_client.exists(lease_key(RUN_ID))
+
+
+def test_a_request_the_worker_cannot_read_fails_as_ours(
+    worker_settings: Settings,
+    redis_client: redis.Redis,
+    requeued: Requeued,
+    store: RunStore,
+) -> None:
+    store.create(run_id=RUN_ID, job_id="job-1", user_id=USER_ID, request={"model_family": 3}, now=1.0)
+    training = FakeTraining(never_called)
+    assert execute_run(RUN_ID, make_worker(worker_settings, redis_client, requeued, training)) == "failed"
+    assert training.contexts == []
+    record = record_of(store)
+    assert record.error_kind == "system"
+    assert "TypeError" in record.message
+
+
+def test_a_shutdown_hands_the_run_back_to_the_queue(
+    worker_settings: Settings,
+    redis_client: redis.Redis,
+    requeued: Requeued,
+    store: RunStore,
+    create_run: Callable[[], RunRecord],
+) -> None:
+    create_run()
+    training = FakeTraining(raises(SystemExit(1)))
+    assert execute_run(RUN_ID, make_worker(worker_settings, redis_client, requeued, training)) == "requeued"
+    record = record_of(store)
+    assert record.status == "queued"
+    assert record.message == "requeued after a worker shutdown"
+    assert record.finished_at is None
+    assert requeued.run_ids == [RUN_ID]
+    assert not redis_client.exists(lease_key(RUN_ID))
+    assert sent_events(redis_client) == []
+    # The requeued delivery can claim the run again.
+    again = FakeTraining(completes)
+    assert execute_run(RUN_ID, make_worker(worker_settings, redis_client, requeued, again)) == "completed"
+    assert record_of(store).attempt == 2
+
+
+def test_a_train_that_reports_nothing_fails_as_ours(
+    worker_settings: Settings,
+    redis_client: redis.Redis,
+    requeued: Requeued,
+    store: RunStore,
+    create_run: Callable[[], RunRecord],
+) -> None:
+    create_run()
+    training = FakeTraining(lambda context: None)
+    assert execute_run(RUN_ID, make_worker(worker_settings, redis_client, requeued, training)) == "failed"
+    record = record_of(store)
+    assert record.error_kind == "system"
+    assert "without reporting" in record.message
+    [event] = sent_events(redis_client)
+    assert isinstance(event, TrainFailed)
+    assert "without reporting" in event.message
+
+
+def test_a_record_deleted_after_the_result_answers_missing(
+    settings: Settings,
+    redis_client: redis.Redis,
+    requeued: Requeued,
+    create_run: Callable[[], RunRecord],
+) -> None:
+    create_run()
+
+    def body(context: RunContext) -> None:
+        completes(context)
+        redis_client.delete(run_key(RUN_ID))
+
+    # The default heartbeat interval (seconds) keeps the heartbeat from writing to the deleted hash.
+    training = FakeTraining(body)
+    assert execute_run(RUN_ID, make_worker(settings, redis_client, requeued, training)) == "missing"
+    assert not redis_client.exists(lease_key(RUN_ID))
+    assert not redis_client.exists(run_key(RUN_ID))
+
+
+def test_load_training_answers_the_real_train() -> None:
+    from trainer_tasks.training import train
+
+    assert load_training() is train
+
+
+# trainer_tasks.tasks: the Celery wrappers
+
+
+@pytest.fixture
+def worker_env(monkeypatch: pytest.MonkeyPatch, redis_url: str, tmp_path: Path) -> Iterator[Path]:
+    monkeypatch.setenv("REDIS_URL", redis_url)
+    monkeypatch.setenv("APP__RUNS_ROOT", str(tmp_path / "env-runs"))
+    monkeypatch.setenv("APP__ARTIFACTS_ROOT", str(tmp_path / "env-artifacts"))
+    monkeypatch.setenv("APP__LEASE_S", "42")
+    monkeypatch.setenv("APP__EVENTS_STREAM_MAXLEN", "123")
+    tasks.worker_services.cache_clear()
+    yield tmp_path
+    tasks.worker_services.cache_clear()
+
+
+def test_worker_services_are_built_from_the_environment(worker_env: Path, redis_url: str) -> None:
+    worker = tasks.worker_services()
+    assert worker.settings.redis_url == redis_url
+    assert worker.settings.runs_root == worker_env / "env-runs"
+    assert worker.settings.artifacts_root == worker_env / "env-artifacts"
+    assert worker.settings.lease_s == 42.0
+    assert worker.settings.events_stream_maxlen == 123
+    assert worker.queue == "training"
+    assert worker.requeue is tasks.requeue
+    assert worker.train is load_training
+    hostname, pid, suffix = worker.holder.split(":")
+    assert (hostname, pid, len(suffix)) == (socket.gethostname(), str(os.getpid()), 8)
+    assert worker.store.ping()
+    # Built once per process.
+    assert tasks.worker_services() is worker
+
+
+def test_the_celery_task_runs_a_terminal_record_to_its_status(
+    worker_env: Path, store: RunStore, create_run: Callable[[], RunRecord], redis_client: redis.Redis
+) -> None:
+    create_run()
+    assert store.transition(RUN_ID, ("queued",), "canceled", {"message": "canceled before it started"})
+    assert tasks.train.run(RUN_ID) == "canceled"
+    assert tasks.train.run("unknown") == "missing"
+    assert record_of(store).attempt == 0
+    assert not redis_client.exists(lease_key(RUN_ID))
+
+
+class SendTaskRecorder:
+    def __init__(self) -> None:
+        self.calls: list[tuple[str, list[str]]] = []
+
+    def __call__(self, name: str, args: list[str]) -> None:
+        self.calls.append((name, args))
+
+
+def test_requeue_sends_the_train_task_by_name(monkeypatch: pytest.MonkeyPatch) -> None:
+    recorder = SendTaskRecorder()
+    monkeypatch.setattr(celery_app, "send_task", recorder)
+    tasks.requeue("run-9")
+    assert recorder.calls == [(TRAIN_TASK, ["run-9"])]
+
+
+def test_the_celery_app_is_configured_for_long_training() -> None:
+    assert app is celery_app
+    assert celery_app.main == "trainer"
+    assert TRAIN_TASK == "trainer.train"
+    assert tasks.train.name == TRAIN_TASK
+    assert TRAIN_TASK in celery_app.tasks
+    assert celery_app.conf.task_default_queue == "training"
+    assert celery_app.conf.task_acks_late is True
+    assert celery_app.conf.worker_prefetch_multiplier == 1
