@@ -5,13 +5,41 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 
-from marshmallow import Schema, fields, validate
+from marshmallow import Schema, ValidationError, fields, validate, validates_schema
 
+from schemas.jobs import JOB_STATUSES
 from schemas.models import DEFAULT_FAMILY, DEFAULT_SIZE
 from schemas.runs import RUN_STATUSES
 
+CORPUS_FIELDS = ("corpus_id", "corpus_path")
+EXACTLY_ONE_CORPUS = "give exactly one of corpus_id and corpus_path"
+EVALUATION_SPLITS = ("validation", "test")
+TOKENIZER_METHODS = ("bpe",)
 
-class TrainRequestSchema(Schema):
+
+class CorpusChoiceSchema(Schema):
+    """A body that names its corpus by `corpus_id` (an upload) or `corpus_path`, exactly one."""
+
+    corpus_id = fields.String(
+        validate=validate.Length(min=1),
+        metadata={"description": "An uploaded corpus (POST /corpora)."},
+    )
+    corpus_path = fields.String(
+        validate=validate.Length(min=1),
+        metadata={"description": "A file inside the corpus root: absolute, or relative to the root."},
+    )
+
+    # Runs beside field errors so one answer names every problem; presence is judged on the raw
+    # body, so a field that failed its own check still counts as given.
+    @validates_schema(pass_original=True, skip_on_field_errors=False)
+    def exactly_one_corpus(self, data: Mapping[str, object], original: object, **_: object) -> None:
+        if not isinstance(original, Mapping):
+            return
+        if sum(name in original for name in CORPUS_FIELDS) != 1:
+            raise ValidationError({name: [EXACTLY_ONE_CORPUS] for name in CORPUS_FIELDS})
+
+
+class TrainRequestSchema(CorpusChoiceSchema):
     """POST /runs/train; unknown fields are rejected (marshmallow's default RAISE)."""
 
     model_family = fields.String(load_default=DEFAULT_FAMILY)
@@ -22,14 +50,12 @@ class TrainRequestSchema(Schema):
     learning_rate = fields.Float(
         load_default=1e-3, validate=validate.Range(min=0, min_inclusive=False), allow_nan=False
     )
-    corpus_path = fields.String(
-        required=True,
-        validate=validate.Length(min=1),
-        metadata={"description": "A file inside the corpus root: absolute, or relative to the root."},
-    )
     tokenizer_id = fields.String(
         load_default="auto",
-        metadata={"description": '"auto" trains a byte-level BPE tokenizer on the corpus.'},
+        metadata={
+            "description": '"auto" trains a byte-level BPE tokenizer on the corpus; otherwise the id of '
+            "a completed tokenizer (POST /tokenizers/train)."
+        },
     )
     user_id = fields.Integer(
         strict=True,
@@ -181,3 +207,113 @@ class ModelCatalogSchema(Schema):
     default_family = fields.String(required=True)
     default_size = fields.String(required=True)
     families = fields.List(fields.Nested(ModelFamilySchema), required=True)
+
+
+class CorpusUploadSchema(Schema):
+    """POST /corpora: multipart/form-data with one file part."""
+
+    file = fields.Raw(
+        required=True,
+        metadata={"type": "string", "format": "binary", "description": "A UTF-8 text file."},
+    )
+
+
+class CorpusSchema(Schema):
+    corpus_id = fields.String(required=True)
+    name = fields.String(required=True, metadata={"description": "The uploaded file's name."})
+    bytes = fields.Integer(required=True)
+    lines = fields.Integer(
+        required=True, metadata={"description": "Newlines, plus one for a last line without one."}
+    )
+
+
+class CorpusListItemSchema(CorpusSchema):
+    created_at = fields.Float(required=True, metadata={"description": "Unix seconds"})
+
+
+class CorpusListSchema(Schema):
+    corpora = fields.List(
+        fields.Nested(CorpusListItemSchema), required=True, metadata={"description": "Newest first."}
+    )
+
+
+class TokenizerRequestSchema(CorpusChoiceSchema):
+    """POST /tokenizers/train; unknown fields are rejected."""
+
+    method = fields.String(load_default="bpe", validate=validate.OneOf(TOKENIZER_METHODS))
+    vocab_size = fields.Integer(strict=True, load_default=8192, validate=validate.Range(min=256, max=65536))
+    min_frequency = fields.Integer(strict=True, load_default=2, validate=validate.Range(min=1))
+    holdout_fraction = fields.Float(
+        load_default=0.1,
+        validate=validate.Range(min=0, max=0.5, min_inclusive=False),
+        allow_nan=False,
+        metadata={"description": "Share of the corpus held out to measure the tokenizer's stats."},
+    )
+
+
+class TokenizerAcceptedSchema(Schema):
+    tokenizer_id = fields.String(required=True)
+    job_id = fields.String(required=True)
+
+
+class TokenizerStatsSchema(Schema):
+    vocab_size = fields.Integer(allow_none=True)
+    tokens_per_char = fields.Float(allow_none=True, metadata={"description": "On the holdout."})
+    multibyte_coverage = fields.Float(
+        allow_none=True,
+        metadata={"description": "Share of the holdout's bytes covered by tokens of more than one byte."},
+    )
+
+
+class TokenizerStatusSchema(Schema):
+    tokenizer_id = fields.String(required=True)
+    status = fields.String(required=True, validate=validate.OneOf(JOB_STATUSES))
+    message = fields.String(required=True)
+    created_at = fields.Float(required=True)
+    finished_at = fields.Float(required=True, allow_none=True)
+    stats = fields.Nested(
+        TokenizerStatsSchema,
+        required=True,
+        allow_none=True,
+        metadata={"description": "Null until completed."},
+    )
+    artifact_path = fields.String(
+        required=True, allow_none=True, metadata={"description": "Null until completed."}
+    )
+
+
+class ArtifactFileSchema(Schema):
+    name = fields.String(required=True)
+    bytes = fields.Integer(required=True)
+
+
+class ArtifactListSchema(Schema):
+    run_id = fields.String(required=True)
+    files = fields.List(fields.Nested(ArtifactFileSchema), required=True)
+
+
+class EvaluateRequestSchema(Schema):
+    """POST /runs/{run_id}/evaluate; the body may be left out."""
+
+    split = fields.String(
+        load_default="validation",
+        validate=validate.OneOf(EVALUATION_SPLITS),
+        metadata={"description": '"test" needs a run trained with test_fraction > 0.'},
+    )
+
+
+class EvaluationAcceptedSchema(Schema):
+    run_id = fields.String(required=True)
+    split = fields.String(required=True)
+    job_id = fields.String(required=True)
+
+
+class EvaluationStatusSchema(Schema):
+    run_id = fields.String(required=True)
+    split = fields.String(required=True, allow_none=True)
+    status = fields.String(required=True, validate=validate.OneOf(JOB_STATUSES))
+    message = fields.String(required=True)
+    loss = fields.Float(required=True, allow_none=True, metadata={"description": "Null until completed."})
+    perplexity = fields.Float(required=True, allow_none=True)
+    created_at = fields.Float(required=True)
+    finished_at = fields.Float(required=True, allow_none=True)

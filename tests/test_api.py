@@ -160,6 +160,9 @@ def test_defaults_are_applied(client: FlaskClient, redis_client: redis.Redis, co
         "tokenizer_id": "auto",
         "user_id": 0,
         "seed": 1337,
+        "holdout_fraction": 0.1,
+        "test_fraction": 0.0,
+        "corpus_id": None,
     }
 
 
@@ -178,7 +181,13 @@ def test_explicit_values_are_stored(
     )
     run_id = json_of(submit(client, body))["run_id"]
     stored = stored_request(redis_client, run_id)
-    assert stored == {**body, "corpus_path": str(corpus_root.resolve() / "notes.txt")}
+    assert stored == {
+        **body,
+        "corpus_path": str(corpus_root.resolve() / "notes.txt"),
+        "holdout_fraction": 0.1,
+        "test_fraction": 0.0,
+        "corpus_id": None,
+    }
 
 
 @pytest.mark.parametrize("relative", ["notes.txt", "./notes.txt", "books/../notes.txt", "books/moby.txt"])
@@ -278,7 +287,7 @@ def test_empty_corpus_path_is_rejected(client: FlaskClient) -> None:
         ({"learning_rate": 0}, "learning_rate"),
         ({"learning_rate": -0.1}, "learning_rate"),
         ({"learning_rate": "fast"}, "learning_rate"),
-        ({"model_family": "llama"}, "model_family"),
+        ({"model_family": "mamba"}, "model_family"),
         ({"model_family": 5}, "model_family"),
         ({"model_size": "huge"}, "model_size"),
         ({"tokenizer_id": "gpt2"}, "tokenizer_id"),
@@ -297,16 +306,24 @@ def test_invalid_fields_are_422_naming_the_field(
     assert no_run_recorded(redis_client, dispatched)
 
 
-@pytest.mark.parametrize("missing", ["user_id", "corpus_path"])
-def test_missing_required_fields(client: FlaskClient, missing: str) -> None:
+def test_missing_user_id(client: FlaskClient) -> None:
     body = valid_body()
-    del body[missing]
-    assert field_errors(submit(client, body)) == {missing: ["Missing data for required field."]}
+    del body["user_id"]
+    assert field_errors(submit(client, body)) == {"user_id": ["Missing data for required field."]}
 
 
-def test_empty_json_body_names_both_required_fields(client: FlaskClient) -> None:
+def test_missing_corpus_names_both_ways_to_give_one(client: FlaskClient) -> None:
+    body = valid_body()
+    del body["corpus_path"]
+    assert field_errors(submit(client, body)) == {
+        "corpus_id": ["give exactly one of corpus_id and corpus_path"],
+        "corpus_path": ["give exactly one of corpus_id and corpus_path"],
+    }
+
+
+def test_empty_json_body_names_every_required_field(client: FlaskClient) -> None:
     response = client.post("/runs/train", data="", content_type="application/json")
-    assert set(field_errors(response)) == {"user_id", "corpus_path"}
+    assert set(field_errors(response)) == {"user_id", "corpus_id", "corpus_path"}
 
 
 @pytest.mark.parametrize("raw", ["[1, 2]", "null", '"text"'])
@@ -343,19 +360,19 @@ def test_default_max_seq_len_over_a_lowered_maximum_is_rejected(settings: Settin
 
 
 def test_model_messages_name_the_choices(client: FlaskClient) -> None:
-    assert field_errors(submit(client, valid_body(model_family="llama"))) == {
-        "model_family": ["must be one of ['gpt2']"]
+    assert field_errors(submit(client, valid_body(model_family="mamba"))) == {
+        "model_family": [f"must be one of {sorted(MODEL_FAMILIES)}"]
     }
     assert field_errors(submit(client, valid_body(model_size="huge"))) == {
-        "model_size": ["must be one of ['small', 'tiny']"]
+        "model_size": [f"must be one of {sorted(MODEL_FAMILIES['gpt2'])}"]
     }
     assert field_errors(submit(client, valid_body(tokenizer_id="bert"))) == {
-        "tokenizer_id": ["unknown tokenizer 'bert'; use \"auto\""]
+        "tokenizer_id": ["unknown tokenizer 'bert', or not ready yet; use \"auto\" or a completed tokenizer"]
     }
 
 
 def test_every_problem_is_reported_at_once(client: FlaskClient) -> None:
-    response = submit(client, valid_body(model_family="llama", tokenizer_id="x", corpus_path="missing.txt"))
+    response = submit(client, valid_body(model_family="mamba", tokenizer_id="x", corpus_path="missing.txt"))
     assert set(field_errors(response)) == {"model_family", "tokenizer_id", "corpus_path"}
 
 

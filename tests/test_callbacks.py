@@ -24,10 +24,12 @@ from schemas.events import (
     decode_event,
 )
 from schemas.runs import RunRecord, RunStore
-from trainer_tasks.callbacks import EventCallback, scalar
+from trainer_tasks.artifacts import MetricsLog
+from trainer_tasks.callbacks import CompletedDetails, EventCallback, current_lr, scalar
 from trainer_tasks.errors import RunCanceled, UserError
 from trainer_tasks.events import EventBus
 from trainer_tasks.reporting import RunReporter
+from trainer_tasks.resources import ResourceSample
 
 RUN_ID = "run-1"
 USER_ID = 123456789012345678
@@ -74,7 +76,7 @@ def loader() -> DataLoader[tuple[torch.Tensor, ...]]:
     return DataLoader(TensorDataset(features, targets), batch_size=BATCH)
 
 
-def trainer(root: Path, callback: EventCallback, epochs: int = 2) -> L.Trainer:
+def trainer(root: Path, callback: EventCallback, epochs: int = 2, sanity_steps: int = 0) -> L.Trainer:
     return L.Trainer(
         max_epochs=epochs,
         accelerator="cpu",
@@ -83,7 +85,7 @@ def trainer(root: Path, callback: EventCallback, epochs: int = 2) -> L.Trainer:
         enable_checkpointing=False,
         enable_progress_bar=False,
         enable_model_summary=False,
-        num_sanity_val_steps=0,
+        num_sanity_val_steps=sanity_steps,
         default_root_dir=root,
         callbacks=[callback],
     )
@@ -105,12 +107,17 @@ class Counter:
 
 
 class SavedArtifacts:
+    """Stands in for training.save_artifacts: notes the module it was given."""
+
     def __init__(self) -> None:
         self.modules: list[L.LightningModule] = []
 
-    def __call__(self, module: L.LightningModule) -> str:
+    def __call__(self, module: L.LightningModule) -> CompletedDetails:
         self.modules.append(module)
-        return ARTIFACT_PATH
+        return CompletedDetails(artifact_path=ARTIFACT_PATH, params=5, sample="the old fisherman")
+
+
+RESOURCES = ResourceSample(main_rss_mb=321, cgroup_usage_mb=512, cgroup_limit_mb=2048, cgroup_pct=25.0)
 
 
 class CancelAfter:
@@ -164,11 +171,14 @@ def callback(
     interval_s: float = 1e9,
     clock: Callable[[], float] = lambda: 0.0,
     cancel_requested: Callable[[], bool] = lambda: False,
+    metrics: MetricsLog | None = None,
 ) -> EventCallback:
     return EventCallback(
         reporter,
         started=started(),
-        save_artifacts=saved,
+        finish=saved,
+        metrics=metrics or MetricsLog(),
+        resources=lambda: RESOURCES,
         interval_s=interval_s,
         samples_per_step=BATCH,
         tokens_per_sample=TOKENS_PER_SAMPLE,
@@ -200,8 +210,8 @@ def record_of(store: RunStore) -> RunRecord:
 def test_a_fit_sends_started_progress_then_completed(
     tmp_path: Path, reporter: RunReporter, saved: SavedArtifacts, store: RunStore, redis_client: redis.Redis
 ) -> None:
-    module = TinyModule()
-    run = trainer(tmp_path, callback(reporter, saved))
+    module, metrics = TinyModule(), MetricsLog()
+    run = trainer(tmp_path, callback(reporter, saved, metrics=metrics))
     fit(run, module)
     events = sent_events(redis_client)
     assert [type(event) for event in events] == [TrainStarted, TrainProgress, TrainProgress, TrainCompleted]
@@ -224,8 +234,25 @@ def test_a_fit_sends_started_progress_then_completed(
     assert second.val_loss == pytest.approx(val_loss)
     assert done.loss == pytest.approx(val_loss)
     assert done.perplexity == pytest.approx(math.exp(val_loss))
-    assert done.artifact_path == ARTIFACT_PATH
+    assert (done.artifact_path, done.params, done.sample) == (ARTIFACT_PATH, 5, "the old fisherman")
+    assert done.duration_s == 0.0
     assert saved.modules == [module]
+    # Progress carries the optimizer's learning rate and the sampled resources.
+    assert (first.lr, first.main_rss_mb, first.cgroup_usage_mb) == (LEARNING_RATE, 321, 512)
+    assert (first.cgroup_limit_mb, first.cgroup_pct) == (2048, 25.0)
+    # The metrics log has every step's training loss and each epoch's validation loss.
+    train_rows = [row for row in metrics.rows if row.train_loss is not None]
+    val_rows = [row for row in metrics.rows if row.val_loss is not None]
+    assert [(row.epoch, row.step) for row in train_rows] == [(1, 1), (1, 2), (1, 3), (1, 4)] + [
+        (2, 5),
+        (2, 6),
+        (2, 7),
+        (2, 8),
+    ]
+    assert all(row.lr == LEARNING_RATE for row in train_rows)
+    assert [(row.epoch, row.step) for row in val_rows] == [(1, 4), (2, 8)]
+    assert val_rows[-1].val_loss == pytest.approx(val_loss)
+    assert train_rows[-1].train_loss == second.loss
     record = record_of(store)
     assert (record.status, record.artifact_path) == ("completed", ARTIFACT_PATH)
     assert record.loss == pytest.approx(val_loss)
@@ -257,6 +284,19 @@ def test_progress_is_throttled_by_time_and_measures_the_rate(
     # Step 3 sent at t=4 (3 steps in 4 s); the epoch's end at t=6 (1 step in 2 s); 2 samples a step.
     assert [event.samples_per_sec for event in progress] == [1.5, 1.0]
     assert [event.tokens_per_sec for event in progress] == [1.5 * TOKENS_PER_SAMPLE, 1.0 * TOKENS_PER_SAMPLE]
+    # 4 steps in all: one left after step 3 at 0.75 steps/s, none at the end.
+    assert [event.eta_s for event in progress] == [pytest.approx(4 / 3), 0.0]
+
+
+def test_an_epoch_end_right_after_a_progress_reports_no_rate(
+    tmp_path: Path, reporter: RunReporter, saved: SavedArtifacts, redis_client: redis.Redis
+) -> None:
+    fit(trainer(tmp_path, callback(reporter, saved, interval_s=0.0, clock=Counter()), epochs=1), TinyModule())
+    progress = progress_events(redis_client)
+    assert [event.step for event in progress] == [1, 2, 3, 4, 4]
+    assert all(event.samples_per_sec is not None for event in progress[:-1])
+    # No step since the last progress: no rate and no estimate, rather than a rate of zero.
+    assert (progress[-1].samples_per_sec, progress[-1].tokens_per_sec, progress[-1].eta_s) == (None, None, None)
 
 
 def test_a_non_finite_training_loss_fails_the_run_as_the_users(
@@ -354,6 +394,24 @@ def test_only_rank_zero_reports_completed(
     assert done.loss == 2.0
     assert done.perplexity == pytest.approx(math.exp(2.0))
     assert record_of(store).status == "completed"
+
+
+def test_the_sanity_check_is_not_a_validation_result(
+    tmp_path: Path, reporter: RunReporter, saved: SavedArtifacts
+) -> None:
+    metrics = MetricsLog()
+    fit(trainer(tmp_path, callback(reporter, saved, metrics=metrics), epochs=1, sanity_steps=1), TinyModule())
+    assert [row.step for row in metrics.rows if row.val_loss is not None] == [4]
+
+
+def test_current_lr(tmp_path: Path, reporter: RunReporter, saved: SavedArtifacts) -> None:
+    fresh = trainer(tmp_path, callback(reporter, saved))
+    assert current_lr(fresh) is None
+    layer = torch.nn.Linear(2, 1)
+    fresh.strategy.optimizers = [torch.optim.SGD(layer.parameters(), lr=0.25)]
+    assert current_lr(fresh) == 0.25
+    fresh.strategy.optimizers = [torch.optim.SGD(layer.parameters(), lr=torch.tensor(0.25))]
+    assert current_lr(fresh) is None
 
 
 @pytest.mark.parametrize(

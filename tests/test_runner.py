@@ -247,6 +247,26 @@ def test_the_context_carries_the_request_dirs_and_cancel_flag(
     assert (record_of(store).last_heartbeat_ts or 0.0) > 1.0
 
 
+def test_a_cancel_before_training_ends_canceled_without_training(
+    worker_settings: Settings,
+    redis_client: redis.Redis,
+    requeued: Requeued,
+    store: RunStore,
+    create_run: Callable[[], RunRecord],
+) -> None:
+    create_run()
+    redis_client.hset(run_key(RUN_ID), "cancel_requested", "1")
+    training = FakeTraining(never_called)
+    assert execute_run(RUN_ID, make_worker(worker_settings, redis_client, requeued, training)) == "canceled"
+    assert training.contexts == []
+    record = record_of(store)
+    assert (record.status, record.error_kind, record.attempt) == ("canceled", "user", 1)
+    [event] = sent_events(redis_client)
+    assert isinstance(event, TrainFailed)
+    assert (event.status, event.error_kind) == ("canceled", "user")
+    assert not redis_client.exists(lease_key(RUN_ID))
+
+
 def test_events_continue_the_records_sequence(
     worker_settings: Settings,
     redis_client: redis.Redis,

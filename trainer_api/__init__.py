@@ -1,11 +1,11 @@
-"""The HTTP API: validates requests, records runs and dispatches Celery tasks."""
+"""The HTTP API: validates requests, records runs and jobs, dispatches Celery tasks, serves artifacts."""
 
 from __future__ import annotations
 
 from flask import Flask
 
 from schemas.settings import Settings
-from trainer_api import context, health, models, runs
+from trainer_api import artifacts, context, corpora, evaluations, health, models, runs, tokenizers
 from trainer_api.errors import TrainerApi
 from trainer_api.services import EXTENSION, Dispatch, build, send_task
 
@@ -25,9 +25,13 @@ def create_app(settings: Settings | None = None, dispatch: Dispatch = send_task)
         TRAINER_API_KEY=settings.api_key,
     )
     app.extensions[EXTENSION] = build(settings, dispatch)
-    context.install(app)
+    context.install(app, upload_limits={corpora.UPLOAD_ENDPOINT: corpora.upload_body_limit(settings)})
     api = TrainerApi(app)
     api.register_blueprint(health.blp)
     api.register_blueprint(runs.blp)
     api.register_blueprint(models.blp)
+    api.register_blueprint(corpora.blp)
+    api.register_blueprint(tokenizers.blp)
+    api.register_blueprint(artifacts.blp)
+    api.register_blueprint(evaluations.blp)
     return app

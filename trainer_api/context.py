@@ -1,18 +1,24 @@
-"""Per-request context: the X-Request-ID every response carries, and the API-key check."""
+"""Per-request context: the X-Request-ID every response carries, the API-key check, body types and limits."""
 
 from __future__ import annotations
 
 import hmac
 import re
 import uuid
+from collections.abc import Mapping
 
 from flask import Flask, Response, abort, current_app, g, request
+from flask_smorest import abort as abort_with_message
 
 REQUEST_ID_HEADER = "X-Request-ID"
 API_KEY_HEADER = "X-Api-Key"
 _VALID_REQUEST_ID = re.compile(r"[\x20-\x7e]{1,128}")
 PUBLIC_PATHS = frozenset({"/healthz", "/readyz", "/docs", "/openapi.json"})
 API_KEY_CONFIG = "TRAINER_API_KEY"
+# app.extensions key: upload endpoint -> the most body bytes it takes (multipart, not JSON).
+UPLOAD_LIMITS = "trainer.upload_limits"
+BODY_METHODS = ("POST", "PUT", "PATCH")
+MULTIPART = "multipart/form-data"
 
 
 def current_request_id() -> str:
@@ -34,9 +40,29 @@ def require_api_key() -> None:
         abort(401)
 
 
-def require_json_body() -> None:
-    if request.method in ("POST", "PUT", "PATCH") and request.content_length and not request.is_json:
-        abort(415)
+def upload_limit() -> int | None:
+    """The body limit of this request's endpoint when it takes uploads; None for JSON routes."""
+    limits = current_app.extensions.get(UPLOAD_LIMITS)
+    limit = limits.get(request.endpoint) if isinstance(limits, dict) else None
+    return limit if isinstance(limit, int) else None
+
+
+def apply_upload_limit() -> None:
+    limit = upload_limit()
+    if limit is not None:
+        # Set before anything reads the body; every other route keeps MAX_CONTENT_LENGTH.
+        request.max_content_length = limit
+
+
+def require_body_type() -> None:
+    """JSON bodies everywhere, except multipart/form-data on upload endpoints."""
+    if request.method not in BODY_METHODS or not request.content_length:
+        return
+    if upload_limit() is None:
+        if not request.is_json:
+            abort(415)
+    elif request.mimetype != MULTIPART:
+        abort_with_message(415, message=f"the body must be {MULTIPART}")
 
 
 def stamp_request_id(response: Response) -> Response:
@@ -48,8 +74,10 @@ def assign_request_id() -> None:
     current_request_id()
 
 
-def install(app: Flask) -> None:
+def install(app: Flask, upload_limits: Mapping[str, int] | None = None) -> None:
+    app.extensions[UPLOAD_LIMITS] = dict(upload_limits or {})
     app.before_request(assign_request_id)
     app.before_request(require_api_key)
-    app.before_request(require_json_body)
+    app.before_request(apply_upload_limit)
+    app.before_request(require_body_type)
     app.after_request(stamp_request_id)

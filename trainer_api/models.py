@@ -5,7 +5,7 @@ from __future__ import annotations
 from flask_smorest import Blueprint
 
 from schemas.api import ModelCatalogSchema
-from schemas.models import DEFAULT_FAMILY, DEFAULT_SIZE, MODEL_FAMILIES, REFERENCE_CONTEXT, REFERENCE_VOCAB
+from schemas.models import DEFAULT_FAMILY, DEFAULT_SIZE, MODEL_FAMILIES, reference_params
 
 blp = Blueprint("models", __name__, url_prefix="/models", description="Model families and sizes")
 
@@ -26,7 +26,7 @@ def list_models() -> dict[str, object]:
                         "n_layer": shape.n_layer,
                         "n_embd": shape.n_embd,
                         "n_head": shape.n_head,
-                        "params": shape.approx_params(REFERENCE_VOCAB, REFERENCE_CONTEXT),
+                        "params": reference_params(family, size),
                     }
                     for size, shape in sizes.items()
                 ],

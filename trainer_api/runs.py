@@ -5,8 +5,7 @@ from __future__ import annotations
 import time
 import uuid
 from collections.abc import Mapping
-from dataclasses import asdict, replace
-from pathlib import Path
+from dataclasses import asdict
 
 from flask_smorest import Blueprint, abort
 
@@ -16,10 +15,11 @@ from schemas.api import (
     TrainRequest,
     TrainRequestSchema,
 )
+from schemas.jobs import tokenizer_key
 from schemas.models import MODEL_FAMILIES, model_shape
 from schemas.runs import RunRecord
-from schemas.settings import Settings
-from trainer_api.services import services
+from trainer_api.corpora import chosen_corpus
+from trainer_api.services import Services, services
 from trainer_tasks.app import TRAIN_TASK
 
 blp = Blueprint("runs", __name__, url_prefix="/runs", description="Training runs")
@@ -31,15 +31,11 @@ blp = Blueprint("runs", __name__, url_prefix="/runs", description="Training runs
 def submit_training(body: Mapping[str, object]) -> dict[str, str]:
     """Record a training run and queue it; answers its run_id and the Celery job_id."""
     found = services()
-    request = TrainRequest.from_mapping(body)
-    problems = request_problems(request, found.settings)
-    corpus = resolve_corpus(found.settings.corpus_root, request.corpus_path)
-    if corpus is None:
-        problems["corpus_path"] = ["must name an existing file inside the corpus root"]
+    corpus, problems = chosen_corpus(body, found)
+    request = TrainRequest.from_mapping({**body, "corpus_path": str(corpus or "")})
+    problems.update(request_problems(request, found))
     if problems:
         abort(422, errors={"json": problems})
-    assert corpus is not None  # problems is empty, so the corpus resolved
-    request = replace(request, corpus_path=str(corpus))
     run_id, job_id = uuid.uuid4().hex, uuid.uuid4().hex
     found.store.create(
         run_id=run_id, job_id=job_id, user_id=request.user_id, request=request.to_mapping(), now=time.time()
@@ -79,8 +75,9 @@ def status_body(record: RunRecord) -> dict[str, object]:
     return body
 
 
-def request_problems(request: TrainRequest, settings: Settings) -> dict[str, list[str]]:
-    """Checks that depend on configuration, so they cannot live in the static schema."""
+def request_problems(request: TrainRequest, found: Services) -> dict[str, list[str]]:
+    """Checks that depend on configuration or stored state, so they cannot live in the static schema."""
+    settings = found.settings
     problems: dict[str, list[str]] = {}
     if request.model_family not in MODEL_FAMILIES:
         problems["model_family"] = [f"must be one of {sorted(MODEL_FAMILIES)}"]
@@ -94,19 +91,17 @@ def request_problems(request: TrainRequest, settings: Settings) -> dict[str, lis
     for name, (value, limit) in limits.items():
         if value > limit:
             problems[name] = [f"must be at most {limit}"]
-    if request.tokenizer_id != "auto":
-        problems["tokenizer_id"] = [f'unknown tokenizer {request.tokenizer_id!r}; use "auto"']
+    if not tokenizer_ready(request.tokenizer_id, found):
+        problems["tokenizer_id"] = [
+            f"unknown tokenizer {request.tokenizer_id!r}, or not ready yet; "
+            'use "auto" or a completed tokenizer'
+        ]
     return problems
 
 
-def resolve_corpus(root: Path, value: str) -> Path | None:
-    """The corpus file inside `root`, absolute or relative to it; None for anything that leads out."""
-    base = root.resolve()
-    candidate = Path(value)
-    try:
-        # resolve() follows symlinks, so a link that points outside the root is caught here too.
-        resolved = (candidate if candidate.is_absolute() else base / candidate).resolve()
-        inside = resolved.is_relative_to(base) and resolved.is_file()
-    except (OSError, ValueError):  # a NUL byte, a name too long for the filesystem
-        return None
-    return resolved if inside else None
+def tokenizer_ready(tokenizer_id: str, found: Services) -> bool:
+    """ "auto", or a tokenizer whose training has completed."""
+    if tokenizer_id == "auto":
+        return True
+    record = found.jobs.get(tokenizer_key(tokenizer_id))
+    return record is not None and record.status == "completed"

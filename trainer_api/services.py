@@ -1,13 +1,16 @@
-"""What the views use, built once per app: settings, the run store and the task dispatcher."""
+"""What the views use, built once per app: settings, the stores and the task dispatcher."""
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import redis
 from flask import current_app
 
+from schemas.corpora import CorpusStore
+from schemas.jobs import JobStore
 from schemas.runs import RunStore
 from schemas.settings import Settings
 from trainer_tasks.app import celery_app
@@ -23,6 +26,8 @@ class Services:
     redis: redis.Redis
     store: RunStore
     dispatch: Dispatch
+    corpora: CorpusStore
+    jobs: JobStore
 
 
 def send_task(name: str, args: list[str], task_id: str) -> None:
@@ -34,7 +39,23 @@ def build(settings: Settings, dispatch: Dispatch = send_task) -> Services:
     client = redis.Redis.from_url(
         settings.redis_url, socket_timeout=5, socket_connect_timeout=2, health_check_interval=30
     )
-    return Services(settings=settings, redis=client, store=RunStore(client), dispatch=dispatch)
+    return Services(
+        settings=settings,
+        redis=client,
+        store=RunStore(client),
+        dispatch=dispatch,
+        corpora=CorpusStore(client),
+        jobs=JobStore(client),
+    )
+
+
+def dispatch_job(found: Services, key: str, task: str, args: list[str], job_id: str) -> None:
+    """Queue a short job whose record is at `key`; a dispatch that fails marks it failed, then raises."""
+    try:
+        found.dispatch(task, args, job_id)
+    except Exception:
+        found.jobs.fail(key, "could not queue the job; nothing was done", time.time())
+        raise
 
 
 def services() -> Services:

@@ -1,20 +1,31 @@
-"""Lightning callbacks that turn training hooks into run events; all I/O goes through the reporter."""
+"""Lightning callbacks that turn training hooks into run events; all I/O goes through what is injected."""
 
 from __future__ import annotations
 
 import math
 import time
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 
 import lightning as L
 import torch
 from lightning.pytorch.utilities import rank_zero_only
 
 from schemas.events import TrainCompleted, TrainProgress, TrainStarted
+from trainer_tasks.artifacts import MetricsLog
 from trainer_tasks.errors import RunCanceled, UserError
 from trainer_tasks.reporting import RunReporter
+from trainer_tasks.resources import ResourceSample
 
-SaveArtifacts = Callable[[L.LightningModule], str]
+
+@dataclass(frozen=True)
+class CompletedDetails:
+    artifact_path: str
+    params: int
+    sample: str | None
+
+
+Finish = Callable[[L.LightningModule], CompletedDetails]
 
 
 def scalar(value: object) -> float | None:
@@ -28,6 +39,22 @@ def scalar(value: object) -> float | None:
     return None
 
 
+def current_lr(trainer: L.Trainer) -> float | None:
+    if not trainer.optimizers:
+        return None
+    lr: object = trainer.optimizers[0].param_groups[0].get("lr")
+    return float(lr) if isinstance(lr, (int, float)) else None
+
+
+def total_steps(trainer: L.Trainer) -> int | None:
+    estimated: object = trainer.estimated_stepping_batches
+    return int(estimated) if isinstance(estimated, (int, float)) and math.isfinite(estimated) else None
+
+
+def finite_or_none(value: float | None) -> float | None:
+    return value if value is not None and math.isfinite(value) else None
+
+
 class EventCallback(L.Callback):
     """started once, progress at most every `interval_s` plus once per epoch, then completed or failed."""
 
@@ -36,33 +63,38 @@ class EventCallback(L.Callback):
         reporter: RunReporter,
         *,
         started: TrainStarted,
-        save_artifacts: SaveArtifacts,
+        finish: Finish,
+        metrics: MetricsLog,
         interval_s: float,
         samples_per_step: int,
         tokens_per_sample: int,
         learning_rate: float,
         cancel_requested: Callable[[], bool],
+        resources: Callable[[], ResourceSample],
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self._reporter = reporter
         self._started = started
-        self._save_artifacts = save_artifacts
+        self._finish = finish
+        self._metrics = metrics
         self._interval_s = interval_s
         self._samples_per_step = samples_per_step
         self._tokens_per_sample = tokens_per_sample
         self._learning_rate = learning_rate
         self._cancel_requested = cancel_requested
+        self._resources = resources
         self._clock = clock
         self._last_loss = math.nan
+        self._started_at = 0.0
         self._last_sent_at = 0.0
         self._last_sent_step = 0
         self._canceled = False
 
-    @rank_zero_only
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self._last_sent_at = self._clock()
+        self._started_at = self._last_sent_at = self._clock()
         self._last_sent_step = trainer.global_step
-        self._reporter.started(self._started)
+        if trainer.is_global_zero:
+            self._reporter.started(self._started)
 
     def on_train_batch_end(
         self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: object, batch: object, batch_idx: int
@@ -74,11 +106,17 @@ class EventCallback(L.Callback):
                 f"lower the learning rate (it was {self._learning_rate:g})"
             )
         self._last_loss = loss
+        self._metrics.train(trainer.global_step, trainer.current_epoch + 1, loss, current_lr(trainer))
         if self._cancel_requested():
             self._canceled = True
             trainer.should_stop = True
         if self._clock() - self._last_sent_at >= self._interval_s:
             self._send_progress(trainer)
+
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        val_loss = finite_or_none(scalar(trainer.callback_metrics.get("val_loss")))
+        if val_loss is not None and not trainer.sanity_checking:
+            self._metrics.validation(trainer.global_step, trainer.current_epoch + 1, val_loss)
 
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._send_progress(trainer)
@@ -88,8 +126,11 @@ class EventCallback(L.Callback):
         now = self._clock()
         elapsed = now - self._last_sent_at
         steps = trainer.global_step - self._last_sent_step
-        samples_per_sec = steps * self._samples_per_step / elapsed if elapsed > 0 else None
-        val_loss = scalar(trainer.callback_metrics.get("val_loss"))
+        steps_per_sec = steps / elapsed if elapsed > 0 and steps > 0 else None
+        samples_per_sec = steps_per_sec * self._samples_per_step if steps_per_sec else None
+        total = total_steps(trainer)
+        eta_s = (total - trainer.global_step) / steps_per_sec if steps_per_sec and total else None
+        resources = self._resources()
         self._reporter.progress(
             TrainProgress(
                 request_id=self._reporter.run_id,
@@ -101,7 +142,13 @@ class EventCallback(L.Callback):
                 loss=self._last_loss,
                 samples_per_sec=samples_per_sec,
                 tokens_per_sec=samples_per_sec * self._tokens_per_sample if samples_per_sec else None,
-                val_loss=val_loss if val_loss is not None and math.isfinite(val_loss) else None,
+                eta_s=max(0.0, eta_s) if eta_s is not None else None,
+                val_loss=finite_or_none(scalar(trainer.callback_metrics.get("val_loss"))),
+                lr=current_lr(trainer),
+                main_rss_mb=resources.main_rss_mb,
+                cgroup_usage_mb=resources.cgroup_usage_mb,
+                cgroup_limit_mb=resources.cgroup_limit_mb,
+                cgroup_pct=resources.cgroup_pct,
             )
         )
         self._last_sent_at, self._last_sent_step = now, trainer.global_step
@@ -114,7 +161,7 @@ class EventCallback(L.Callback):
             raise UserError(
                 f"the validation loss is {val_loss}: lower the learning rate ({self._learning_rate:g})"
             )
-        artifact_path = self._save_artifacts(pl_module)
+        details = self._finish(pl_module)
         if trainer.is_global_zero:
             self._reporter.completed(
                 TrainCompleted(
@@ -123,7 +170,10 @@ class EventCallback(L.Callback):
                     user_id=self._reporter.user_id,
                     loss=val_loss,
                     perplexity=math.exp(val_loss),
-                    artifact_path=artifact_path,
+                    artifact_path=details.artifact_path,
+                    sample=details.sample,
+                    params=details.params,
+                    duration_s=round(self._clock() - self._started_at, 3),
                 )
             )
 

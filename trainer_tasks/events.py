@@ -31,4 +31,5 @@ class EventBus:
         except redis.RedisError as exc:
             log.warning("event %s for run %s not delivered: %s", event.type, event.run_id, exc)
             return False
+        log.info("event %s", payload)
         return True

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from schemas.api import TrainRequest
+from schemas.jobs import JobStore
 from schemas.runs import RunStore
 from schemas.settings import Settings
 from trainer_tasks.events import EventBus
@@ -30,6 +31,7 @@ class RunContext:
     queue: str
     progress_interval_s: float
     cancel_requested: Callable[[], bool]
+    tokenizer_path: Path | None = None  # a trained tokenizer's tokenizer.json; None trains one on the corpus
 
 
 TrainFn = Callable[[RunContext], None]
@@ -49,6 +51,7 @@ class Worker:
 
     settings: Settings
     store: RunStore
+    jobs: JobStore
     bus: EventBus
     holder: str
     queue: str
@@ -84,15 +87,21 @@ def execute_run(run_id: str, worker: Worker) -> str:
     )
     try:
         with heartbeat:
+            request = TrainRequest.from_mapping(record.request)
             context = RunContext(
                 run_id=run_id,
-                request=TrainRequest.from_mapping(record.request),
+                request=request,
                 reporter=reporter,
                 run_dir=worker.settings.run_dir(run_id),
                 artifact_dir=worker.settings.model_dir(run_id),
                 queue=worker.queue,
                 progress_interval_s=worker.settings.progress_interval_s,
                 cancel_requested=heartbeat.cancel_requested.is_set,
+                tokenizer_path=(
+                    None
+                    if request.tokenizer_id == "auto"
+                    else worker.settings.tokenizer_dir(request.tokenizer_id) / "tokenizer.json"
+                ),
             )
             worker.train()(context)
     except SystemExit:

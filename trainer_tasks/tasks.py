@@ -10,11 +10,14 @@ import uuid
 import redis
 
 from celeryconfig import TRAINING_QUEUE
+from schemas.jobs import JobStore, evaluation_key, tokenizer_key
 from schemas.runs import RunStore
 from schemas.settings import Settings
-from trainer_tasks.app import TRAIN_TASK, celery_app
+from trainer_tasks.app import EVALUATE_TASK, TOKENIZER_TASK, TRAIN_TASK, celery_app
 from trainer_tasks.events import EventBus
+from trainer_tasks.jobs import run_job
 from trainer_tasks.runner import Worker, execute_run
+from trainer_tasks.tokenization import train_from_request
 
 
 def requeue(run_id: str) -> None:
@@ -30,6 +33,7 @@ def worker_services() -> Worker:
     return Worker(
         settings=settings,
         store=store,
+        jobs=JobStore(client),
         bus=EventBus(client, settings.events_stream_maxlen),
         holder=f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}",
         queue=TRAINING_QUEUE,
@@ -41,3 +45,27 @@ def worker_services() -> Worker:
 def train(run_id: str) -> str:
     """Train one run; a second delivery of the same run returns without training."""
     return execute_run(run_id, worker_services())
+
+
+@celery_app.task(name=TOKENIZER_TASK)
+def train_tokenizer(tokenizer_id: str) -> str:
+    """Train a BPE tokenizer on a corpus and measure it on the corpus's held-out tail."""
+    folder = worker_services().settings.tokenizer_dir(tokenizer_id)
+    return run_job(
+        worker_services().jobs,
+        tokenizer_key(tokenizer_id),
+        lambda request: train_from_request(request, folder),
+    )
+
+
+@celery_app.task(name=EVALUATE_TASK)
+def evaluate(run_id: str, split: str) -> str:
+    """Evaluate a finished run's model on its validation or test split."""
+    settings = worker_services().settings
+
+    def work(request: dict[str, object]) -> dict[str, object]:
+        from trainer_tasks.evaluation import evaluate as evaluate_split  # torch loads only when needed
+
+        return evaluate_split(settings.model_dir(run_id), settings.run_dir(run_id) / "splits", split)
+
+    return run_job(worker_services().jobs, evaluation_key(run_id), work)

@@ -1,0 +1,393 @@
+"""trainer_tasks.training, data and model: a real tiny GPT-2 trained on a generated corpus, end to end."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import lightning as L
+import pytest
+import redis
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, GPT2LMHeadModel, PreTrainedTokenizerFast
+from transformers.modeling_outputs import CausalLMOutputWithCrossAttentions
+
+from schemas.api import TrainRequest
+from schemas.events import (
+    EVENTS_STREAM,
+    NotAnEvent,
+    TrainCompleted,
+    TrainEvent,
+    TrainFailed,
+    TrainProgress,
+    TrainStarted,
+    decode_event,
+)
+from schemas.models import FAMILIES, model_shape
+from schemas.runs import RunRecord, RunStore
+from scripts import corpus
+from trainer_tasks import resources, training
+from trainer_tasks.data import BlockDataset, encode, split_blocks
+from trainer_tasks.artifacts import MetricsLog
+from trainer_tasks.errors import RunCanceled, UserError
+from trainer_tasks.events import EventBus
+from trainer_tasks.model import LanguageModel, build_model, count_parameters
+from trainer_tasks.reporting import RunReporter
+from trainer_tasks.runner import RunContext
+from trainer_tasks.tokenization import END_OF_TEXT, read_corpus, train_tokenizer
+
+USER_ID = 123456789012345678
+SENTENCES = 100
+EPOCHS = 2
+BATCH = 4
+SEQ_LEN = 16
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread() -> Iterator[None]:
+    """Two intra-op threads on a shared 2-core machine can run twenty times slower under contention."""
+    threads = torch.get_num_threads()
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(resources, "available_cpus", lambda: 1)
+        yield
+    torch.set_num_threads(threads)
+
+
+def request(corpus_path: Path, **overrides: float) -> TrainRequest:
+    return TrainRequest(
+        model_family="gpt2",
+        model_size="tiny",
+        max_seq_len=SEQ_LEN,
+        num_epochs=int(overrides.get("num_epochs", EPOCHS)),
+        batch_size=BATCH,
+        learning_rate=float(overrides.get("learning_rate", 1e-3)),
+        corpus_path=str(corpus_path),
+        tokenizer_id="auto",
+        user_id=USER_ID,
+        seed=int(overrides.get("seed", 1337)),
+    )
+
+
+def context_for(
+    client: redis.Redis,
+    run_id: str,
+    train_request: TrainRequest,
+    root: Path,
+    cancel_requested: Callable[[], bool] = lambda: False,
+) -> RunContext:
+    """A claimed run and the context the runner would give the training."""
+    store = RunStore(client)
+    store.create(run_id=run_id, job_id=f"job-{run_id}", user_id=USER_ID, request=train_request.to_mapping(), now=1.0)
+    assert store.claim(run_id, "worker-a", 60, 2.0)
+    reporter = RunReporter(run_id=run_id, user_id=USER_ID, store=store, bus=EventBus(client, 10_000))
+    return RunContext(
+        run_id=run_id,
+        request=train_request,
+        reporter=reporter,
+        run_dir=root / "runs" / run_id,
+        artifact_dir=root / "artifacts" / "models" / run_id,
+        queue="training",
+        progress_interval_s=0.0,
+        cancel_requested=cancel_requested,
+    )
+
+
+def events_of(client: redis.Redis, run_id: str) -> list[TrainEvent]:
+    events: list[TrainEvent] = []
+    for _, fields in client.xrange(EVENTS_STREAM):
+        event = decode_event(fields[b"event"])
+        assert not isinstance(event, NotAnEvent)
+        if event.run_id == run_id:
+            events.append(event)
+    return events
+
+
+def record_of(client: redis.Redis, run_id: str) -> RunRecord:
+    record = RunStore(client).get(run_id)
+    assert record is not None
+    return record
+
+
+def losses(events: list[TrainEvent], epoch: int = 1) -> list[tuple[int, float]]:
+    return [(event.step, event.loss) for event in events if isinstance(event, TrainProgress) and event.epoch == epoch]
+
+
+@dataclass(frozen=True)
+class Trained:
+    context: RunContext
+    events: list[TrainEvent]
+    record: RunRecord
+    corpus_path: Path
+
+
+@pytest.fixture(scope="module")
+def trained(redis_url: str, tmp_path_factory: pytest.TempPathFactory, one_thread: None) -> Iterator[Trained]:
+    """One real run, shared by the tests that only read what it produced."""
+    root = tmp_path_factory.mktemp("trained")
+    corpus_path = corpus.write(root / "corpus.txt", SENTENCES, seed=0)
+    client = redis.Redis.from_url(redis_url)
+    client.flushdb()
+    context = context_for(client, "run-trained", request(corpus_path), root)
+    training.train(context)
+    yield Trained(context, events_of(client, "run-trained"), record_of(client, "run-trained"), corpus_path)
+    client.close()
+
+
+def test_a_run_sends_started_progress_and_completed_in_order(trained: Trained) -> None:
+    events = trained.events
+    assert isinstance(events[0], TrainStarted)
+    assert isinstance(events[-1], TrainCompleted)
+    assert all(isinstance(event, TrainProgress) for event in events[1:-1])
+    assert [event.seq for event in events] == list(range(1, len(events) + 1))
+    assert len({event.event_id for event in events}) == len(events)
+    stamps = [event.ts or 0.0 for event in events]
+    assert stamps == sorted(stamps)
+    assert all(event.user_id == USER_ID and event.request_id == "run-trained" for event in events)
+
+
+def test_the_started_event_describes_the_run(trained: Trained) -> None:
+    started = trained.events[0]
+    assert isinstance(started, TrainStarted)
+    assert (started.model_family, started.model_size, started.total_epochs) == ("gpt2", "tiny", EPOCHS)
+    assert (started.queue, started.batch_size, started.learning_rate) == ("training", BATCH, 1e-3)
+    # train() sets torch's threads to the CPUs it may use (one, in these tests) and uses no loader workers.
+    assert (started.cpu_cores, started.optimal_threads, started.optimal_workers) == (1, 1, 0)
+
+
+def test_progress_comes_every_step_and_at_each_epoch_end(trained: Trained) -> None:
+    progress = [event for event in trained.events if isinstance(event, TrainProgress)]
+    steps_per_epoch = max(event.step for event in progress if event.epoch == 1)
+    assert steps_per_epoch > 5
+    expected: list[tuple[int, int]] = []
+    for epoch in range(1, EPOCHS + 1):
+        first = (epoch - 1) * steps_per_epoch + 1
+        expected += [(epoch, step) for step in range(first, epoch * steps_per_epoch + 1)]
+        expected.append((epoch, epoch * steps_per_epoch))
+    assert [(event.epoch, event.step) for event in progress] == expected
+    assert all(event.total_epochs == EPOCHS and math.isfinite(event.loss) for event in progress)
+    assert trained.record.progress is not None
+    assert trained.record.progress["step"] == EPOCHS * steps_per_epoch
+    # It learns: the last epoch's losses are lower than the first steps'.
+    assert progress[-1].loss < progress[0].loss
+
+
+def test_the_record_holds_the_result(trained: Trained) -> None:
+    done = trained.events[-1]
+    assert isinstance(done, TrainCompleted)
+    record = trained.record
+    assert record.status == "completed"
+    assert record.loss == pytest.approx(done.loss)
+    assert record.perplexity == pytest.approx(math.exp(done.loss))
+    assert done.artifact_path == str(trained.context.artifact_dir.resolve())
+    assert record.artifact_path == done.artifact_path
+    assert trained.context.run_dir.is_dir()
+
+
+def test_the_artifact_loads_offline_and_generates(trained: Trained, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    folder = trained.context.artifact_dir
+    model = AutoModelForCausalLM.from_pretrained(folder)
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    assert isinstance(model, GPT2LMHeadModel)
+    assert isinstance(tokenizer, PreTrainedTokenizerFast)
+    assert (model.config.n_layer, model.config.n_embd, model.config.n_positions) == (2, 128, SEQ_LEN)
+    assert tokenizer.eos_token == END_OF_TEXT
+    assert tokenizer.model_max_length == SEQ_LEN
+    prompt = tokenizer("The old fisherman", return_tensors="pt")
+    output = model.generate(
+        prompt["input_ids"], max_new_tokens=3, min_new_tokens=3, do_sample=False, pad_token_id=0
+    )
+    assert isinstance(output, torch.Tensor)
+    assert output.shape == (1, prompt["input_ids"].shape[1] + 3)
+    text = tokenizer.decode(output[0])
+    assert text.startswith("The old fisherman")
+
+
+def test_the_manifest_records_params_and_request(trained: Trained) -> None:
+    folder = trained.context.artifact_dir
+    manifest = json.loads((folder / "manifest.json").read_text())
+    model = AutoModelForCausalLM.from_pretrained(folder)
+    assert isinstance(model, torch.nn.Module)
+    assert manifest["run_id"] == "run-trained"
+    assert manifest["request"] == trained.context.request.to_mapping()
+    assert manifest["params"] == count_parameters(model)
+    assert manifest["vocab_size"] == model.config.vocab_size
+    assert manifest["seed"] == 1337
+    assert manifest["threads"] == 1
+    assert manifest["versions"]["torch"] == torch.__version__
+    assert manifest["versions"]["lightning"] == L.__version__
+    assert manifest["started_at"] <= manifest["ended_at"]
+    done = trained.events[-1]
+    assert isinstance(done, TrainCompleted)
+    assert manifest["metrics"]["val_loss"] == pytest.approx(done.loss)
+    assert (done.params, done.sample) == (manifest["params"], manifest["sample"])
+    assert isinstance(done.sample, str)
+    assert done.sample
+    for name in ("metrics.csv", "loss_curve.png", "logs.jsonl", "tokenizer.json", "tokenizer_config.json"):
+        assert (folder / name).is_file(), name
+    assert (trained.context.run_dir / "splits" / "validation.pt").is_file()
+
+
+def test_the_same_seed_gives_the_same_losses(trained: Trained, redis_client: redis.Redis, tmp_path: Path) -> None:
+    same = context_for(redis_client, "run-same", request(trained.corpus_path), tmp_path)
+    training.train(same)
+    other = context_for(redis_client, "run-other", request(trained.corpus_path, num_epochs=1, seed=7), tmp_path)
+    training.train(other)
+    same_events = events_of(redis_client, "run-same")
+    for epoch in range(1, EPOCHS + 1):
+        assert losses(same_events, epoch) == losses(trained.events, epoch)
+    assert losses(events_of(redis_client, "run-other")) != losses(trained.events)
+
+
+def test_a_huge_learning_rate_fails_as_the_users(
+    trained: Trained, redis_client: redis.Redis, tmp_path: Path
+) -> None:
+    context = context_for(
+        redis_client, "run-diverges", request(trained.corpus_path, learning_rate=1e30, num_epochs=1), tmp_path
+    )
+    with pytest.raises(UserError, match="lower the learning rate"):
+        training.train(context)
+    failed = events_of(redis_client, "run-diverges")[-1]
+    assert isinstance(failed, TrainFailed)
+    assert (failed.error_kind, failed.status) == ("user", "failed")
+    assert "1e+30" in failed.message
+    record = record_of(redis_client, "run-diverges")
+    assert (record.status, record.error_kind) == ("failed", "user")
+    assert not context.artifact_dir.exists()
+
+
+def test_a_cancel_request_ends_the_run_canceled(trained: Trained, redis_client: redis.Redis, tmp_path: Path) -> None:
+    context = context_for(
+        redis_client, "run-cancel", request(trained.corpus_path), tmp_path, cancel_requested=lambda: True
+    )
+    with pytest.raises(RunCanceled):
+        training.train(context)
+    events = events_of(redis_client, "run-cancel")
+    failed = events[-1]
+    assert isinstance(failed, TrainFailed)
+    assert (failed.status, failed.error_kind) == ("canceled", "user")
+    # Stopped after its first step.
+    assert {event.step for event in events if isinstance(event, TrainProgress)} == {1}
+    assert record_of(redis_client, "run-cancel").status == "canceled"
+    assert not context.artifact_dir.exists()
+
+
+def test_a_corpus_too_small_for_one_batch(redis_client: redis.Redis, tmp_path: Path) -> None:
+    small = tmp_path / "small.txt"
+    small.write_text("A corpus of one short line.\n")
+    context = context_for(redis_client, "run-small", request(small), tmp_path)
+    with pytest.raises(UserError, match="too small") as raised:
+        training.train(context)
+    assert "batch_size" in str(raised.value)
+    assert "max_seq_len" in str(raised.value)
+    # It fails before training starts; the runner reports the error.
+    assert events_of(redis_client, "run-small") == []
+
+
+def test_a_missing_corpus_is_the_users_to_fix(redis_client: redis.Redis, tmp_path: Path) -> None:
+    context = context_for(redis_client, "run-gone", request(tmp_path / "gone.txt"), tmp_path)
+    with pytest.raises(UserError, match="no longer exists"):
+        training.train(context)
+
+
+def test_corpora_that_cannot_be_read(tmp_path: Path) -> None:
+    latin1 = tmp_path / "latin1.txt"
+    latin1.write_bytes("café au lait\n".encode("latin-1"))
+    with pytest.raises(UserError, match=r"not UTF-8 text \(byte 3\)"):
+        read_corpus(latin1)
+    blank = tmp_path / "blank.txt"
+    blank.write_text("  \n\t\n")
+    with pytest.raises(UserError, match="empty"):
+        read_corpus(blank)
+    empty = tmp_path / "empty.txt"
+    empty.write_bytes(b"")
+    with pytest.raises(UserError, match="empty"):
+        read_corpus(empty)
+    with pytest.raises(UserError, match="no longer exists"):
+        read_corpus(tmp_path / "missing.txt")
+    good = tmp_path / "good.txt"
+    good.write_text("naïve text\n", encoding="utf-8")
+    assert read_corpus(good) == "naïve text\n"
+
+
+def test_the_tokenizer_round_trips_any_text(tmp_path: Path) -> None:
+    text = corpus.generate(40, seed=1)
+    tokenizer = train_tokenizer(text, vocab_size=300)
+    assert tokenizer.get_vocab_size() <= 300
+    assert tokenizer.token_to_id(END_OF_TEXT) == 0
+    ids = encode(tokenizer, text)
+    assert ids.dtype == torch.long
+    assert len(ids) < len(text)
+    assert tokenizer.decode(ids.tolist()) == text
+    # Byte-level: text it never saw still encodes and decodes exactly.
+    unseen = "Zebra ünïcode 🚀\n"
+    assert tokenizer.decode(encode(tokenizer, unseen).tolist()) == unseen
+
+
+def test_split_blocks_holds_out_the_last_tokens() -> None:
+    ids = torch.arange(100)
+    splits = split_blocks(ids, block_len=10, batch_size=2, holdout_fraction=0.1)
+    assert splits.train.shape == (9, 10)
+    assert splits.validation.shape == (1, 10)
+    assert torch.equal(splits.validation[0], torch.arange(90, 100))
+    assert torch.equal(splits.train.flatten(), torch.arange(90))
+    dataset = BlockDataset(splits.train)
+    assert len(dataset) == 9
+    assert torch.equal(dataset[2], torch.arange(20, 30))
+
+
+@pytest.mark.parametrize(("tokens", "batch_size"), [(100, 10), (15, 1)])
+def test_split_blocks_rejects_too_few_blocks(tokens: int, batch_size: int) -> None:
+    with pytest.raises(UserError, match=f"its {tokens} tokens make"):
+        split_blocks(torch.arange(tokens), block_len=10, batch_size=batch_size, holdout_fraction=0.1)
+
+
+@pytest.mark.parametrize(("family", "size"), [("gpt2", "huge"), ("bert", "tiny")])
+def test_build_model_rejects_an_unknown_model(family: str, size: str) -> None:
+    with pytest.raises(ValueError, match=f"unknown model {family}/{size}"):
+        build_model(family, size, vocab_size=100, max_seq_len=16)
+
+
+@pytest.mark.parametrize(("family", "size"), [("gpt2", "tiny"), ("gpt2", "small"), ("llama", "tiny")])
+def test_count_parameters_matches_the_familys_estimate(family: str, size: str) -> None:
+    shape = model_shape(family, size)
+    assert shape is not None
+    model = build_model(family, size, vocab_size=1000, max_seq_len=64)
+    assert (model.config.num_hidden_layers, model.config.hidden_size, model.config.num_attention_heads) == (
+        shape.n_layer,
+        shape.n_embd,
+        shape.n_head,
+    )
+    counted = count_parameters(model)
+    assert counted == pytest.approx(FAMILIES[family].count_params(shape, 1000, 64), rel=0.01)
+    # Tied embeddings count once.
+    with_duplicates = sum(parameter.numel() for _, parameter in model.named_parameters(remove_duplicate=False))
+    assert with_duplicates - counted == 1000 * shape.n_embd
+
+
+def test_the_module_refuses_a_model_without_a_loss(monkeypatch: pytest.MonkeyPatch) -> None:
+    model = build_model("gpt2", "tiny", vocab_size=50, max_seq_len=8)
+    module = LanguageModel(model, learning_rate=1e-3)
+    batch = torch.zeros((2, 8), dtype=torch.long)
+    assert torch.isfinite(module.training_step(batch, 0))
+
+    def no_loss(**inputs: torch.Tensor) -> CausalLMOutputWithCrossAttentions:
+        return CausalLMOutputWithCrossAttentions(loss=None, logits=torch.zeros((2, 8, 50)))
+
+    monkeypatch.setattr(model, "forward", no_loss)
+    with pytest.raises(TypeError, match="no loss"):
+        module.training_step(batch, 0)
+
+
+def test_save_artifacts_expects_the_language_model(trained: Trained, tmp_path: Path) -> None:
+    text = "a b c a b c\n" * 20
+    tokenizer = train_tokenizer(text, vocab_size=260)
+    splits = split_blocks(encode(tokenizer, text), 8, 1, 0.1)
+    with pytest.raises(TypeError, match="LanguageModel"):
+        training.save_artifacts(trained.context, L.LightningModule(), tokenizer, MetricsLog(), splits, 1.0)
+
+

@@ -1,0 +1,105 @@
+"""A run's take-away files beside the model: metrics.csv, loss_curve.png, manifest.json, logs.jsonl."""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+# The object API renders without pyplot's global state or a display.
+from matplotlib.figure import Figure
+
+
+@dataclass(frozen=True)
+class MetricRow:
+    step: int
+    epoch: int
+    train_loss: float | None = None
+    val_loss: float | None = None
+    lr: float | None = None
+
+
+@dataclass
+class MetricsLog:
+    """Losses by step, filled by the training callback, written out with the artifacts."""
+
+    rows: list[MetricRow] = field(default_factory=list)
+
+    def train(self, step: int, epoch: int, loss: float, lr: float | None) -> None:
+        self.rows.append(MetricRow(step=step, epoch=epoch, train_loss=loss, lr=lr))
+
+    def validation(self, step: int, epoch: int, loss: float) -> None:
+        self.rows.append(MetricRow(step=step, epoch=epoch, val_loss=loss))
+
+
+def write_metrics_csv(log: MetricsLog, path: Path) -> None:
+    with path.open("w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=["step", "epoch", "train_loss", "val_loss", "lr"])
+        writer.writeheader()
+        for row in log.rows:
+            writer.writerow({name: "" if value is None else value for name, value in asdict(row).items()})
+
+
+def plot_loss_curve(log: MetricsLog, path: Path, title: str) -> None:
+    train = [(row.step, row.train_loss) for row in log.rows if row.train_loss is not None]
+    validation = [(row.step, row.val_loss) for row in log.rows if row.val_loss is not None]
+    figure = Figure(figsize=(7, 4), dpi=100)
+    axes = figure.subplots()
+    if train:
+        axes.plot(*zip(*train, strict=True), label="train", linewidth=1)
+    if validation:
+        axes.plot(*zip(*validation, strict=True), label="validation", marker="o")
+    axes.set_xlabel("step")
+    axes.set_ylabel("loss")
+    axes.set_title(title)
+    axes.grid(alpha=0.3)
+    axes.legend()
+    figure.tight_layout()
+    figure.savefig(path, format="png")
+
+
+def write_manifest(path: Path, manifest: dict[str, object]) -> None:
+    path.write_text(json.dumps(manifest, indent=2, sort_keys=True))
+
+
+class JsonLinesHandler(logging.Handler):
+    """Log records as one JSON object per line: ts, level, logger, message."""
+
+    def __init__(self, path: Path) -> None:
+        super().__init__(level=logging.INFO)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self._handle = path.open("a", encoding="utf-8")
+
+    def emit(self, record: logging.LogRecord) -> None:
+        line = {
+            "ts": record.created,
+            "level": record.levelname,
+            "logger": record.name,
+            "message": record.getMessage(),
+        }
+        self._handle.write(json.dumps(line) + "\n")
+        self._handle.flush()
+
+    def close(self) -> None:
+        self._handle.close()
+        super().close()
+
+
+@contextmanager
+def captured_logs(path: Path) -> Iterator[None]:
+    """Write what the worker logs during a run to the run's logs.jsonl (one run per pool process)."""
+    handler = JsonLinesHandler(path)
+    root = logging.getLogger()
+    root.addHandler(handler)
+    previous = root.level
+    root.setLevel(min(previous, logging.INFO) if previous else logging.INFO)
+    try:
+        yield
+    finally:
+        root.removeHandler(handler)
+        root.setLevel(previous)
+        handler.close()
