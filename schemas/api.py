@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 
-from marshmallow import Schema, ValidationError, fields, validate, validates_schema
+from marshmallow import EXCLUDE, Schema, ValidationError, fields, validate, validates_schema
 
 from schemas.jobs import JOB_STATUSES
 from schemas.models import DEFAULT_FAMILY, DEFAULT_SIZE
@@ -210,7 +210,10 @@ class ModelCatalogSchema(Schema):
 
 
 class CorpusUploadSchema(Schema):
-    """POST /corpora: multipart/form-data with one file part."""
+    """POST /corpora: multipart/form-data with one file part; other parts are ignored."""
+
+    class Meta:
+        unknown = EXCLUDE
 
     file = fields.Raw(
         required=True,

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import importlib.util
 import os
-import shlex
 import shutil
 import signal
 import socket
@@ -131,11 +130,9 @@ def procfile_command(name: str) -> str:
     raise KeyError(f"no {name!r} line in the Procfile")
 
 
-def start_procfile(
-    name: str, env: Mapping[str, str], log_dir: Path, extra_args: str = "", cwd: Path = REPO_ROOT
-) -> Service:
+def start_procfile(name: str, env: Mapping[str, str], log_dir: Path, cwd: Path = REPO_ROOT) -> Service:
     """Run a Procfile line as a platform would: through the shell, so ${VAR:-default} expands."""
-    return start(name, ["sh", "-c", f"exec {procfile_command(name)} {extra_args}"], env, log_dir, cwd)
+    return start(name, ["sh", "-c", f"exec {procfile_command(name)}"], env, log_dir, cwd)
 
 
 def start_web(env: Mapping[str, str], log_dir: Path) -> tuple[Service, str]:
@@ -154,9 +151,10 @@ def start_web(env: Mapping[str, str], log_dir: Path) -> tuple[Service, str]:
 
 
 def start_worker(
-    env: Mapping[str, str], log_dir: Path, name: str = "worker", cwd: Path = REPO_ROOT
+    env: Mapping[str, str], log_dir: Path, name: str = "worker", cwd: Path = REPO_ROOT, line: str = "worker"
 ) -> Service:
-    service = start_procfile("worker", env, log_dir, f"--hostname {shlex.quote(name)}@%h", cwd)
+    """A Procfile worker line (`worker` trains, `light_worker` runs tokenizer and evaluation tasks)."""
+    service = start_procfile(line, {**env, "WORKER_NAME": name}, log_dir, cwd=cwd)
     # Celery logs "<hostname> ready." once it consumes from its queues.
     wait_until(lambda: " ready." in service.log(), 90, name, service)
     return service

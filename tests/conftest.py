@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -11,7 +13,7 @@ from flask import Flask
 from flask.testing import FlaskClient
 
 from schemas.settings import Settings
-from scripts import devstack
+from scripts import corpus, devstack
 from trainer_api import create_app
 from trainer_tasks.app import TRAIN_TASK
 
@@ -21,6 +23,47 @@ def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     service, url = devstack.start_redis(tmp_path_factory.mktemp("redis"))
     yield url
     service.stop()
+
+
+@dataclass(frozen=True)
+class Stack:
+    """The real processes: API under gunicorn, a training worker and a light worker, on their own Redis db."""
+
+    api_url: str
+    redis_url: str
+    corpus_root: Path
+    artifacts_root: Path
+    worker: devstack.Service
+    worker_cwd: Path
+
+
+@pytest.fixture(scope="session")
+def stack(redis_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+    # Database 1: the per-test flush of database 0 must not drop the Celery queues under a live worker.
+    stack_redis_url = redis_url.rsplit("/", 1)[0] + "/1"
+    root = tmp_path_factory.mktemp("stack")
+    corpus.write(root / "corpora" / "stories.txt", sentences=1200, seed=3)
+    corpus.write(root / "corpora" / "tiny.txt", sentences=2, seed=3)
+    env = {
+        **os.environ,
+        "REDIS_URL": stack_redis_url,
+        "APP__CORPUS_ROOT": str(root / "corpora"),
+        "APP__ARTIFACTS_ROOT": str(root / "artifacts"),
+        "APP__RUNS_ROOT": str(root / "runs"),
+        "APP__PROGRESS_INTERVAL_S": "0.2",
+        "APP__HEARTBEAT_INTERVAL_S": "0.5",
+        "WEB_CONCURRENCY": "1",
+        "LIGHT_CONCURRENCY": "1",
+    }
+    worker_cwd = root / "worker-cwd"
+    worker_cwd.mkdir()
+    logs = root / "logs"
+    worker = devstack.start_worker(env, logs, name="training", cwd=worker_cwd)
+    light = devstack.start_worker(env, logs, name="light", line="light_worker")
+    web, api_url = devstack.start_web(env, logs)
+    yield Stack(api_url, stack_redis_url, root / "corpora", root / "artifacts", worker, worker_cwd)
+    for service in (web, light, worker):
+        service.stop()
 
 
 @pytest.fixture

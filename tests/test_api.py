@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import math
 from dataclasses import replace
 from pathlib import Path
 
@@ -16,7 +15,14 @@ from kombu.exceptions import OperationalError
 from werkzeug.test import TestResponse
 
 from schemas.api import TrainRequest
-from schemas.models import DEFAULT_FAMILY, DEFAULT_SIZE, MODEL_FAMILIES, ModelShape, model_shape
+from schemas.models import (
+    DEFAULT_FAMILY,
+    DEFAULT_SIZE,
+    MODEL_FAMILIES,
+    ModelShape,
+    model_shape,
+    reference_params,
+)
 from schemas.runs import RunStore, user_runs_key
 from schemas.settings import Settings
 from scripts.devstack import free_port
@@ -807,17 +813,17 @@ def test_train_request_rejects_mistyped_mappings(field: str, value: object, mess
 def test_model_catalogue() -> None:
     assert model_shape(DEFAULT_FAMILY, DEFAULT_SIZE) == MODEL_FAMILIES["gpt2"]["small"]
     assert model_shape("gpt2", "huge") is None
-    assert model_shape("llama", "small") is None
+    assert model_shape("mamba", "small") is None
     tiny = model_shape("gpt2", "tiny")
     assert tiny is not None
     assert tiny == ModelShape(n_layer=2, n_embd=128, n_head=2)
-    assert tiny.n_embd % tiny.n_head == 0
     # 2 layers of (12·128² + 13·128), embeddings 8192·128 + 128·128, final norm 2·128.
-    assert tiny.approx_params(vocab_size=8192, max_seq_len=128) == 1_461_760
-    for sizes in MODEL_FAMILIES.values():
-        for shape in sizes.values():
+    assert reference_params("gpt2", "tiny") == 1_461_760
+    for family, sizes in MODEL_FAMILIES.items():
+        assert set(sizes) >= {"tiny", "small", "medium"}
+        for size, shape in sizes.items():
             assert shape.n_embd % shape.n_head == 0
-            assert math.isfinite(shape.approx_params(8192, 1024))
+            assert reference_params(family, size) > 0
 
 
 def test_models_lists_families_and_sizes_with_parameter_counts(client: FlaskClient) -> None:
@@ -828,7 +834,11 @@ def test_models_lists_families_and_sizes_with_parameter_counts(client: FlaskClie
     assert body["default_size"] == "small"
     families = body["families"]
     assert isinstance(families, list)
+    assert [family["family"] for family in families] == list(MODEL_FAMILIES)
     gpt2 = families[0]
     assert gpt2["family"] == "gpt2"
-    assert [size["size"] for size in gpt2["sizes"]] == ["tiny", "small"]
+    assert [size["size"] for size in gpt2["sizes"]] == ["tiny", "small", "medium"]
     assert gpt2["sizes"][0] == {"size": "tiny", "n_layer": 2, "n_embd": 128, "n_head": 2, "params": 1461760}
+    for family in families:
+        for size in family["sizes"]:
+            assert size["params"] == reference_params(family["family"], size["size"])

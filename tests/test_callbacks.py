@@ -190,7 +190,10 @@ def callback(
 
 def sent_events(client: redis.Redis) -> list[TrainEvent]:
     events: list[TrainEvent] = []
-    for _, fields in client.xrange(EVENTS_STREAM):
+    entries = client.xrange(EVENTS_STREAM)
+    assert entries is not None
+    for _, fields in entries:
+        assert fields is not None
         event = decode_event(fields[b"event"])
         assert not isinstance(event, NotAnEvent)
         events.append(event)
@@ -243,12 +246,8 @@ def test_a_fit_sends_started_progress_then_completed(
     # The metrics log has every step's training loss and each epoch's validation loss.
     train_rows = [row for row in metrics.rows if row.train_loss is not None]
     val_rows = [row for row in metrics.rows if row.val_loss is not None]
-    assert [(row.epoch, row.step) for row in train_rows] == [(1, 1), (1, 2), (1, 3), (1, 4)] + [
-        (2, 5),
-        (2, 6),
-        (2, 7),
-        (2, 8),
-    ]
+    expected_rows = [(1 + (step - 1) // STEPS_PER_EPOCH, step) for step in range(1, 9)]
+    assert [(row.epoch, row.step) for row in train_rows] == expected_rows
     assert all(row.lr == LEARNING_RATE for row in train_rows)
     assert [(row.epoch, row.step) for row in val_rows] == [(1, 4), (2, 8)]
     assert val_rows[-1].val_loss == pytest.approx(val_loss)
@@ -296,7 +295,11 @@ def test_an_epoch_end_right_after_a_progress_reports_no_rate(
     assert [event.step for event in progress] == [1, 2, 3, 4, 4]
     assert all(event.samples_per_sec is not None for event in progress[:-1])
     # No step since the last progress: no rate and no estimate, rather than a rate of zero.
-    assert (progress[-1].samples_per_sec, progress[-1].tokens_per_sec, progress[-1].eta_s) == (None, None, None)
+    assert (progress[-1].samples_per_sec, progress[-1].tokens_per_sec, progress[-1].eta_s) == (
+        None,
+        None,
+        None,
+    )
 
 
 def test_a_non_finite_training_loss_fails_the_run_as_the_users(
@@ -375,11 +378,12 @@ class NotRankZero(L.Trainer):
         return False
 
 
-def test_only_rank_zero_reports_completed(
+def test_only_rank_zero_reports_started_and_completed(
     tmp_path: Path, reporter: RunReporter, saved: SavedArtifacts, store: RunStore, redis_client: redis.Redis
 ) -> None:
     events, module = callback(reporter, saved), TinyModule()
     other = NotRankZero(logger=False, enable_checkpointing=False, enable_progress_bar=False, callbacks=[])
+    events.on_train_start(other, module)
     other.callback_metrics["val_loss"] = torch.tensor(2.0)
     events.on_fit_end(other, module)
     # Every rank saves (save_pretrained coordinates), but only rank zero records and sends.

@@ -3,10 +3,8 @@
 from __future__ import annotations
 
 import json
-import os
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -24,43 +22,9 @@ from schemas.events import (
     TrainStarted,
     decode_event,
 )
-from scripts import corpus, devstack
+from tests.conftest import Stack
 
 SNOWFLAKE = 123456789012345678
-
-
-@dataclass(frozen=True)
-class Stack:
-    api_url: str
-    redis_url: str
-    corpus_root: Path
-    artifacts_root: Path
-    worker: devstack.Service
-    worker_cwd: Path
-
-
-@pytest.fixture(scope="module")
-def stack(redis_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
-    root = tmp_path_factory.mktemp("stack")
-    corpus.write(root / "corpora" / "stories.txt", sentences=1200, seed=3)
-    corpus.write(root / "corpora" / "tiny.txt", sentences=2, seed=3)
-    env = {
-        **os.environ,
-        "REDIS_URL": redis_url,
-        "APP__CORPUS_ROOT": str(root / "corpora"),
-        "APP__ARTIFACTS_ROOT": str(root / "artifacts"),
-        "APP__RUNS_ROOT": str(root / "runs"),
-        "APP__PROGRESS_INTERVAL_S": "0.2",
-        "APP__HEARTBEAT_INTERVAL_S": "0.5",
-        "WEB_CONCURRENCY": "1",
-    }
-    worker_cwd = root / "worker-cwd"
-    worker_cwd.mkdir()
-    worker = devstack.start_worker(env, root / "logs", cwd=worker_cwd)
-    web, api_url = devstack.start_web(env, root / "logs")
-    yield Stack(api_url, redis_url, root / "corpora", root / "artifacts", worker, worker_cwd)
-    web.stop()
-    worker.stop()
 
 
 def submit(stack: Stack, **overrides: object) -> str:

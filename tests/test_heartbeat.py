@@ -1,4 +1,4 @@
-"""trainer_tasks.heartbeat.Heartbeat on the real store: lease renewal, heartbeat time, cancel and lease loss."""
+"""trainer_tasks.heartbeat.Heartbeat on the real store: lease renewal, heartbeat time, cancel, lease loss."""
 
 from __future__ import annotations
 

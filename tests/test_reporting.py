@@ -1,4 +1,4 @@
-"""trainer_tasks.reporting.RunReporter on the real store and bus: stamping, record first, one terminal event."""
+"""trainer_tasks.reporting.RunReporter on the real store and bus: stamps, record first, one terminal event."""
 
 from __future__ import annotations
 
@@ -79,7 +79,10 @@ def reporter_for(store: RunStore, bus: EventBus, clock: StepClock, last_seq: int
 
 def sent_events(client: redis.Redis) -> list[TrainEvent]:
     events: list[TrainEvent] = []
-    for _, fields in client.xrange(EVENTS_STREAM):
+    entries = client.xrange(EVENTS_STREAM)
+    assert entries is not None
+    for _, fields in entries:
+        assert fields is not None
         event = decode_event(fields[b"event"])
         assert not isinstance(event, NotAnEvent)
         events.append(event)

@@ -14,6 +14,7 @@ import redis
 
 from schemas.api import TrainRequest
 from schemas.events import EVENTS_STREAM, NotAnEvent, TrainCompleted, TrainEvent, TrainFailed, decode_event
+from schemas.jobs import JobStore
 from schemas.runs import RunRecord, RunStore, lease_key, run_key
 from schemas.settings import Settings
 from trainer_tasks import tasks
@@ -86,6 +87,7 @@ def make_worker(
     return Worker(
         settings=settings,
         store=RunStore(redis_client),
+        jobs=JobStore(redis_client),
         bus=EventBus(redis_client, settings.events_stream_maxlen),
         holder=HOLDER,
         queue="training",
@@ -116,7 +118,10 @@ def record_of(store: RunStore) -> RunRecord:
 
 def sent_events(client: redis.Redis) -> list[TrainEvent]:
     events: list[TrainEvent] = []
-    for _, fields in client.xrange(EVENTS_STREAM):
+    entries = client.xrange(EVENTS_STREAM)
+    assert entries is not None
+    for _, fields in entries:
+        assert fields is not None
         event = decode_event(fields[b"event"])
         assert not isinstance(event, NotAnEvent)
         events.append(event)
@@ -242,6 +247,7 @@ def test_the_context_carries_the_request_dirs_and_cancel_flag(
     assert context.progress_interval_s == 0.5
     assert context.reporter.run_id == RUN_ID
     assert context.reporter.user_id == USER_ID
+    assert context.tokenizer_path is None
     assert seen_cancel == [False, True]
     # The heartbeat ran beside the training.
     assert (record_of(store).last_heartbeat_ts or 0.0) > 1.0
@@ -265,6 +271,21 @@ def test_a_cancel_before_training_ends_canceled_without_training(
     assert isinstance(event, TrainFailed)
     assert (event.status, event.error_kind) == ("canceled", "user")
     assert not redis_client.exists(lease_key(RUN_ID))
+
+
+def test_a_trained_tokenizer_is_handed_to_the_training(
+    worker_settings: Settings,
+    redis_client: redis.Redis,
+    requeued: Requeued,
+    store: RunStore,
+    corpus_root: Path,
+) -> None:
+    mapping = {**request_mapping(corpus_root / "notes.txt"), "tokenizer_id": "tok-1"}
+    store.create(run_id=RUN_ID, job_id="job-1", user_id=USER_ID, request=mapping, now=1.0)
+    training = FakeTraining(completes)
+    assert execute_run(RUN_ID, make_worker(worker_settings, redis_client, requeued, training)) == "completed"
+    [context] = training.contexts
+    assert context.tokenizer_path == worker_settings.tokenizer_dir("tok-1") / "tokenizer.json"
 
 
 def test_events_continue_the_records_sequence(
@@ -427,6 +448,7 @@ def test_worker_services_are_built_from_the_environment(worker_env: Path, redis_
     hostname, pid, suffix = worker.holder.split(":")
     assert (hostname, pid, len(suffix)) == (socket.gethostname(), str(os.getpid()), 8)
     assert worker.store.ping()
+    assert isinstance(worker.jobs, JobStore)
     # Built once per process.
     assert tasks.worker_services() is worker
 

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
-import os
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -13,7 +13,14 @@ import lightning as L
 import pytest
 import redis
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, GPT2LMHeadModel, PreTrainedTokenizerFast
+from transformers import (
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    GPT2Config,
+    GPT2LMHeadModel,
+    GPT2Model,
+    PreTrainedTokenizerFast,
+)
 from transformers.modeling_outputs import CausalLMOutputWithCrossAttentions
 
 from schemas.api import TrainRequest
@@ -27,12 +34,12 @@ from schemas.events import (
     TrainStarted,
     decode_event,
 )
-from schemas.models import FAMILIES, model_shape
+from schemas.models import FAMILIES, ModelFamily, ModelShape, gpt2_params, model_shape
 from schemas.runs import RunRecord, RunStore
 from scripts import corpus
 from trainer_tasks import resources, training
+from trainer_tasks.artifacts import MetricsLog, plot_loss_curve
 from trainer_tasks.data import BlockDataset, encode, split_blocks
-from trainer_tasks.artifacts import MetricsLog
 from trainer_tasks.errors import RunCanceled, UserError
 from trainer_tasks.events import EventBus
 from trainer_tasks.model import LanguageModel, build_model, count_parameters
@@ -41,10 +48,11 @@ from trainer_tasks.runner import RunContext
 from trainer_tasks.tokenization import END_OF_TEXT, read_corpus, train_tokenizer
 
 USER_ID = 123456789012345678
-SENTENCES = 100
+SENTENCES = 150
 EPOCHS = 2
 BATCH = 4
-SEQ_LEN = 16
+# The sample written with the artifacts needs 8 prompt + 40 new positions (see the short-context test).
+SEQ_LEN = 48
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -69,6 +77,7 @@ def request(corpus_path: Path, **overrides: float) -> TrainRequest:
         tokenizer_id="auto",
         user_id=USER_ID,
         seed=int(overrides.get("seed", 1337)),
+        test_fraction=0.1,
     )
 
 
@@ -81,7 +90,9 @@ def context_for(
 ) -> RunContext:
     """A claimed run and the context the runner would give the training."""
     store = RunStore(client)
-    store.create(run_id=run_id, job_id=f"job-{run_id}", user_id=USER_ID, request=train_request.to_mapping(), now=1.0)
+    store.create(
+        run_id=run_id, job_id=f"job-{run_id}", user_id=USER_ID, request=train_request.to_mapping(), now=1.0
+    )
     assert store.claim(run_id, "worker-a", 60, 2.0)
     reporter = RunReporter(run_id=run_id, user_id=USER_ID, store=store, bus=EventBus(client, 10_000))
     return RunContext(
@@ -98,7 +109,10 @@ def context_for(
 
 def events_of(client: redis.Redis, run_id: str) -> list[TrainEvent]:
     events: list[TrainEvent] = []
-    for _, fields in client.xrange(EVENTS_STREAM):
+    entries = client.xrange(EVENTS_STREAM)
+    assert entries is not None
+    for _, fields in entries:
+        assert fields is not None
         event = decode_event(fields[b"event"])
         assert not isinstance(event, NotAnEvent)
         if event.run_id == run_id:
@@ -113,7 +127,11 @@ def record_of(client: redis.Redis, run_id: str) -> RunRecord:
 
 
 def losses(events: list[TrainEvent], epoch: int = 1) -> list[tuple[int, float]]:
-    return [(event.step, event.loss) for event in events if isinstance(event, TrainProgress) and event.epoch == epoch]
+    return [
+        (event.step, event.loss)
+        for event in events
+        if isinstance(event, TrainProgress) and event.epoch == epoch
+    ]
 
 
 @dataclass(frozen=True)
@@ -204,6 +222,7 @@ def test_the_artifact_loads_offline_and_generates(trained: Trained, monkeypatch:
     assert isinstance(output, torch.Tensor)
     assert output.shape == (1, prompt["input_ids"].shape[1] + 3)
     text = tokenizer.decode(output[0])
+    assert isinstance(text, str)
     assert text.startswith("The old fisherman")
 
 
@@ -229,18 +248,36 @@ def test_the_manifest_records_params_and_request(trained: Trained) -> None:
     assert done.sample
     for name in ("metrics.csv", "loss_curve.png", "logs.jsonl", "tokenizer.json", "tokenizer_config.json"):
         assert (folder / name).is_file(), name
-    assert (trained.context.run_dir / "splits" / "validation.pt").is_file()
+    splits = trained.context.run_dir / "splits"
+    validation, test = torch.load(splits / "validation.pt"), torch.load(splits / "test.pt")
+    assert validation.shape[1] == test.shape[1] == SEQ_LEN
+    assert len(test) >= 1
 
 
-def test_the_same_seed_gives_the_same_losses(trained: Trained, redis_client: redis.Redis, tmp_path: Path) -> None:
+def test_the_same_seed_gives_the_same_losses(
+    trained: Trained, redis_client: redis.Redis, tmp_path: Path
+) -> None:
     same = context_for(redis_client, "run-same", request(trained.corpus_path), tmp_path)
     training.train(same)
-    other = context_for(redis_client, "run-other", request(trained.corpus_path, num_epochs=1, seed=7), tmp_path)
+    other = context_for(
+        redis_client, "run-other", request(trained.corpus_path, num_epochs=1, seed=7), tmp_path
+    )
     training.train(other)
     same_events = events_of(redis_client, "run-same")
     for epoch in range(1, EPOCHS + 1):
         assert losses(same_events, epoch) == losses(trained.events, epoch)
     assert losses(events_of(redis_client, "run-other")) != losses(trained.events)
+
+
+def test_a_short_context_run_completes(trained: Trained, redis_client: redis.Redis, tmp_path: Path) -> None:
+    """max_seq_len 16 is a valid request (the API allows 8 and up); the run must still complete."""
+    short = dataclasses.replace(request(trained.corpus_path, num_epochs=1), max_seq_len=16)
+    context = context_for(redis_client, "run-short", short, tmp_path)
+    training.train(context)
+    assert record_of(redis_client, "run-short").status == "completed"
+    done = events_of(redis_client, "run-short")[-1]
+    assert isinstance(done, TrainCompleted)
+    assert AutoModelForCausalLM.from_pretrained(context.artifact_dir).config.n_positions == 16
 
 
 def test_a_huge_learning_rate_fails_as_the_users(
@@ -260,10 +297,11 @@ def test_a_huge_learning_rate_fails_as_the_users(
     assert not context.artifact_dir.exists()
 
 
-def test_a_cancel_request_ends_the_run_canceled(trained: Trained, redis_client: redis.Redis, tmp_path: Path) -> None:
-    context = context_for(
-        redis_client, "run-cancel", request(trained.corpus_path), tmp_path, cancel_requested=lambda: True
-    )
+def test_a_cancel_request_ends_the_run_canceled(
+    trained: Trained, redis_client: redis.Redis, tmp_path: Path
+) -> None:
+    no_test_split = dataclasses.replace(request(trained.corpus_path), test_fraction=0.0)
+    context = context_for(redis_client, "run-cancel", no_test_split, tmp_path, cancel_requested=lambda: True)
     with pytest.raises(RunCanceled):
         training.train(context)
     events = events_of(redis_client, "run-cancel")
@@ -274,6 +312,8 @@ def test_a_cancel_request_ends_the_run_canceled(trained: Trained, redis_client: 
     assert {event.step for event in events if isinstance(event, TrainProgress)} == {1}
     assert record_of(redis_client, "run-cancel").status == "canceled"
     assert not context.artifact_dir.exists()
+    # Without a test fraction only the validation split is kept.
+    assert sorted(path.name for path in (context.run_dir / "splits").iterdir()) == ["validation.pt"]
 
 
 def test_a_corpus_too_small_for_one_batch(redis_client: redis.Redis, tmp_path: Path) -> None:
@@ -365,7 +405,9 @@ def test_count_parameters_matches_the_familys_estimate(family: str, size: str) -
     counted = count_parameters(model)
     assert counted == pytest.approx(FAMILIES[family].count_params(shape, 1000, 64), rel=0.01)
     # Tied embeddings count once.
-    with_duplicates = sum(parameter.numel() for _, parameter in model.named_parameters(remove_duplicate=False))
+    with_duplicates = sum(
+        parameter.numel() for _, parameter in model.named_parameters(remove_duplicate=False)
+    )
     assert with_duplicates - counted == 1000 * shape.n_embd
 
 
@@ -391,3 +433,45 @@ def test_save_artifacts_expects_the_language_model(trained: Trained, tmp_path: P
         training.save_artifacts(trained.context, L.LightningModule(), tokenizer, MetricsLog(), splits, 1.0)
 
 
+def not_a_model(shape: ModelShape, vocab_size: int, max_seq_len: int) -> str:
+    return "not a model"
+
+
+@pytest.mark.parametrize("builder", ["tests.test_training:not_a_model", "tests.test_training:SEQ_LEN"])
+def test_build_model_rejects_a_builder_that_builds_no_model(
+    builder: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    family = ModelFamily(
+        name="odd",
+        sizes={"tiny": ModelShape(n_layer=1, n_embd=8, n_head=1)},
+        builder=builder,
+        count_params=gpt2_params,
+    )
+    monkeypatch.setitem(FAMILIES, "odd", family)
+    with pytest.raises(TypeError, match=f"builder {builder} did not return"):
+        build_model("odd", "tiny", vocab_size=50, max_seq_len=8)
+
+
+def test_generate_sample_needs_a_generating_model(monkeypatch: pytest.MonkeyPatch) -> None:
+    tokenizer = train_tokenizer("a b c a b c\n" * 20, vocab_size=260)
+    prompt = torch.tensor([1, 2, 3])
+    config = GPT2Config(vocab_size=260, n_positions=64, n_embd=8, n_layer=1, n_head=1)
+    with pytest.raises(TypeError, match="GPT2Model cannot generate text"):
+        training.generate_sample(GPT2Model(config), tokenizer, prompt, seed=0)
+    model = GPT2LMHeadModel(config)
+    sample = training.generate_sample(model, tokenizer, prompt, seed=0)
+    assert isinstance(sample, str)
+    assert sample == training.generate_sample(model, tokenizer, prompt, seed=0)
+
+    def no_ids(**inputs: object) -> dict[str, object]:
+        return {"sequences": None}
+
+    monkeypatch.setattr(model, "generate", no_ids)
+    with pytest.raises(TypeError, match="returned no token ids"):
+        training.generate_sample(model, tokenizer, prompt, seed=0)
+
+
+def test_a_loss_curve_without_rows_still_renders(tmp_path: Path) -> None:
+    path = tmp_path / "empty.png"
+    plot_loss_curve(MetricsLog(), path, "nothing yet")
+    assert path.read_bytes().startswith(b"\x89PNG")

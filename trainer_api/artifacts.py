@@ -18,7 +18,6 @@ FILE_RESPONSES = {
         "content": {"application/octet-stream": {"schema": {"type": "string", "format": "binary"}}},
     },
     "206": {"description": "The byte range asked for with a Range header."},
-    "416": {"description": "A range outside the file."},
 }
 
 
@@ -39,6 +38,7 @@ def list_artifact(run_id: str) -> dict[str, object]:
 @blp.route("/<string:run_id>/artifact/<string:name>")
 @blp.doc(responses=FILE_RESPONSES)
 @blp.alt_response(404, schema=ErrorSchema, description="No such run or file.")
+@blp.alt_response(416, schema=ErrorSchema, description="A range outside the file.")
 def download_artifact(run_id: str, name: str) -> Response:
     """One file of the run's artifact folder; send a Range header for part of it."""
     folder = artifact_folder(run_id)

@@ -8,7 +8,13 @@ import redis
 from flask import Response, jsonify
 from flask_smorest import Api
 from kombu.exceptions import OperationalError
-from werkzeug.exceptions import BadRequest, HTTPException, InternalServerError, ServiceUnavailable
+from werkzeug.exceptions import (
+    BadRequest,
+    HTTPException,
+    InternalServerError,
+    RequestedRangeNotSatisfiable,
+    ServiceUnavailable,
+)
 
 from schemas.api import ErrorSchema
 from trainer_api.context import current_request_id
@@ -23,6 +29,8 @@ ERROR_CODES: dict[int, str] = {
     409: "CONFLICT",
     413: "PAYLOAD_TOO_LARGE",
     415: "UNSUPPORTED_MEDIA_TYPE",
+    # A Range outside the file is a bad request in DESIGN's list of codes.
+    416: "BAD_REQUEST",
     422: "VALIDATION_ERROR",
     503: "SERVICE_UNAVAILABLE",
     500: "INTERNAL",
@@ -66,6 +74,9 @@ def error_response(error: HTTPException) -> Response:
     response.status_code = status
     if status == 405 and isinstance(error, HTTPException):
         response.headers["Allow"] = ", ".join(getattr(error, "valid_methods", None) or [])
+    if isinstance(error, RequestedRangeNotSatisfiable) and error.length is not None:
+        # RFC 9110: a 416 says how long the file is, so the client can ask again.
+        response.headers["Content-Range"] = f"bytes */{error.length}"
     return response
 
 
@@ -75,6 +86,7 @@ _MESSAGES: dict[int, str] = {
     405: "method not allowed on this resource",
     413: "request body too large",
     415: "the body must be JSON (Content-Type: application/json)",
+    416: "the requested range is outside the file",
     500: "internal error; the request_id identifies it in the server log",
     503: "a backing service is unavailable; try again shortly",
 }
