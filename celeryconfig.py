@@ -13,10 +13,11 @@ result_serializer = "json"
 accept_content = ["json"]
 result_accept_content = ["json"]
 
-# Long tasks: acknowledge after the run so a lost worker's run comes back, and never let a run
-# that always crashes its process loop forever (the run record's lease handles redelivery).
+# Long tasks: acknowledge after the run, and send a run back to the queue when its pool process dies.
+# The run record's lease keeps a second delivery from training it twice, and its attempt count ends
+# a run that keeps killing its worker instead of looping forever.
 task_acks_late = True
-task_reject_on_worker_lost = False
+task_reject_on_worker_lost = True
 worker_prefetch_multiplier = 1
 worker_concurrency = 1
 

@@ -79,7 +79,7 @@ return 1
 # Renews the lease only for its holder and records the heartbeat. KEYS: lease, run hash.
 # ARGV: holder, lease ms, heartbeat ts.
 _RENEW = """
-if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
+if redis.call('GET', KEYS[1]) ~= ARGV[1] or redis.call('EXISTS', KEYS[2]) == 0 then return 0 end
 redis.call('PEXPIRE', KEYS[1], ARGV[2])
 redis.call('HSET', KEYS[2], 'last_heartbeat_ts', ARGV[3])
 return 1
@@ -136,10 +136,7 @@ class RunStore:
         return record
 
     def get(self, run_id: str) -> RunRecord | None:
-        raw = self._redis.hgetall(run_key(run_id))
-        if not raw:
-            return None
-        return _parse_record(decoded(raw))
+        return _parse_record(decoded(self._redis.hgetall(run_key(run_id))))
 
     def claim(self, run_id: str, holder: str, lease_s: float, now: float) -> bool:
         """Take the run's lease and mark it running; False when another executor holds it or it ended."""
@@ -216,7 +213,9 @@ def _status(value: str) -> RunStatus:
     raise ValueError(f"unknown run status {value!r}")
 
 
-def _parse_record(raw: dict[str, str]) -> RunRecord:
+def _parse_record(raw: dict[str, str]) -> RunRecord | None:
+    if "run_id" not in raw or "status" not in raw:
+        return None  # a fragment, not a record: treat the run as unknown
     return RunRecord(
         run_id=raw["run_id"],
         job_id=raw.get("job_id", ""),

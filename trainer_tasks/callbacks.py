@@ -9,11 +9,12 @@ from dataclasses import dataclass
 
 import lightning as L
 import torch
+from lightning.pytorch.callbacks import OnExceptionCheckpoint
 from lightning.pytorch.utilities import rank_zero_only
 
 from schemas.events import TrainCompleted, TrainProgress, TrainStarted
 from trainer_tasks.artifacts import MetricsLog
-from trainer_tasks.errors import RunCanceled, UserError
+from trainer_tasks.errors import LeaseLost, RunCanceled, UserError
 from trainer_tasks.reporting import RunReporter
 from trainer_tasks.resources import ResourceSample
 
@@ -70,6 +71,7 @@ class EventCallback(L.Callback):
         tokens_per_sample: int,
         learning_rate: float,
         cancel_requested: Callable[[], bool],
+        lease_lost: Callable[[], bool],
         resources: Callable[[], ResourceSample],
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
@@ -82,6 +84,7 @@ class EventCallback(L.Callback):
         self._tokens_per_sample = tokens_per_sample
         self._learning_rate = learning_rate
         self._cancel_requested = cancel_requested
+        self._lease_lost = lease_lost
         self._resources = resources
         self._clock = clock
         self._last_loss = math.nan
@@ -105,6 +108,8 @@ class EventCallback(L.Callback):
                 f"the training loss became {loss} at step {trainer.global_step}: "
                 f"lower the learning rate (it was {self._learning_rate:g})"
             )
+        if self._lease_lost():
+            raise LeaseLost(f"run {self._reporter.run_id}: lease lost at step {trainer.global_step}")
         self._last_loss = loss
         self._metrics.train(trainer.global_step, trainer.current_epoch + 1, loss, current_lr(trainer))
         if self._cancel_requested():
@@ -181,5 +186,19 @@ class EventCallback(L.Callback):
         self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException
     ) -> None:
         # A SystemExit is a shutdown, not a failure: the runner hands the run back to the queue.
-        if isinstance(exception, Exception):
+        # A lost lease means another executor owns the run and its reporting.
+        if isinstance(exception, Exception) and not isinstance(exception, LeaseLost):
             self._reporter.failed_with(exception)
+
+
+class ResumableCheckpoint(OnExceptionCheckpoint):
+    """Saves `last.ckpt` when training stops early, so a redelivery resumes there.
+
+    Not when the lease was lost: the executor that took the run over writes that file now.
+    """
+
+    def on_exception(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException
+    ) -> None:
+        if not isinstance(exception, LeaseLost):
+            super().on_exception(trainer, pl_module, exception)

@@ -7,3 +7,7 @@ class UserError(Exception):
 
 class RunCanceled(Exception):
     """The user asked to stop the run."""
+
+
+class LeaseLost(Exception):
+    """Another executor took the run over (this one missed its heartbeats): stop and report nothing."""

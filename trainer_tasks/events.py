@@ -11,6 +11,13 @@ from schemas.runs import run_key
 
 log = logging.getLogger(__name__)
 
+# The run's last event on its record, only while the record exists: never recreate a deleted run.
+_REMEMBER_LAST_EVENT = """
+if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
+redis.call('HSET', KEYS[1], 'last_event', ARGV[1], 'last_seq', ARGV[2])
+return 1
+"""
+
 
 class EventBus:
     """Best effort on the hot path: a Redis error is logged and training goes on."""
@@ -18,6 +25,7 @@ class EventBus:
     def __init__(self, client: redis.Redis, stream_maxlen: int) -> None:
         self._redis = client
         self._stream_maxlen = stream_maxlen
+        self._remember = client.register_script(_REMEMBER_LAST_EVENT)
 
     def send(self, event: TrainEvent) -> bool:
         payload = encode_event(event)
@@ -25,7 +33,7 @@ class EventBus:
         pipe.publish(EVENTS_CHANNEL, payload)
         # Approximate trimming keeps XADD O(1); the stream holds about the newest `stream_maxlen` events.
         pipe.xadd(EVENTS_STREAM, {"event": payload}, maxlen=self._stream_maxlen, approximate=True)
-        pipe.hset(run_key(event.run_id), mapping={"last_event": payload, "last_seq": event.seq or 0})
+        self._remember(keys=[run_key(event.run_id)], args=[payload, event.seq or 0], client=pipe)
         try:
             pipe.execute()
         except redis.RedisError as exc:

@@ -59,9 +59,9 @@ class RunReporter:
     def completed(self, event: TrainCompleted) -> None:
         if self.finished:
             return
-        self.finished = True
-        # The record first: a client that reacts to the event then reads the final status.
-        self._store.finish(
+        # The record first: a client that reacts to the event then reads the final status. A Redis
+        # error leaves the reporter unfinished, so the runner can still report the failure.
+        recorded = self._store.finish(
             self.run_id,
             "completed",
             "completed",
@@ -70,14 +70,19 @@ class RunReporter:
             perplexity=event.perplexity,
             artifact_path=event.artifact_path,
         )
-        self._bus.send(self._stamp(event))
+        self.finished = True
+        if recorded:
+            self._bus.send(self._stamp(event))
 
     def failed(self, error_kind: ErrorKind, message: str, canceled: bool = False) -> None:
         if self.finished:
             return
-        self.finished = True
         status: FailedStatus = "canceled" if canceled else "failed"
-        self._store.finish(self.run_id, status, message, self._clock(), error_kind=error_kind)
+        recorded = self._store.finish(self.run_id, status, message, self._clock(), error_kind=error_kind)
+        self.finished = True
+        if not recorded:
+            # The run had already ended (or another executor took it): its story is told elsewhere.
+            return
         event = TrainFailed(
             request_id=self.run_id,
             run_id=self.run_id,

@@ -12,6 +12,7 @@ from schemas.api import TrainRequest
 from schemas.jobs import JobStore
 from schemas.runs import RunStore
 from schemas.settings import Settings
+from trainer_tasks.errors import LeaseLost
 from trainer_tasks.events import EventBus
 from trainer_tasks.heartbeat import Heartbeat
 from trainer_tasks.reporting import RunReporter
@@ -31,11 +32,14 @@ class RunContext:
     queue: str
     progress_interval_s: float
     cancel_requested: Callable[[], bool]
+    lease_lost: Callable[[], bool]
     tokenizer_path: Path | None = None  # a trained tokenizer's tokenizer.json; None trains one on the corpus
 
 
 TrainFn = Callable[[RunContext], None]
-Requeue = Callable[[str], None]
+Requeue = Callable[[str, float], None]  # run id, delay in seconds
+# Deliveries that claim a run; more means its worker keeps dying on it (a crash loop, say).
+MAX_ATTEMPTS = 5
 
 
 def load_training() -> TrainFn:
@@ -60,7 +64,7 @@ class Worker:
 
 
 def execute_run(run_id: str, worker: Worker) -> str:
-    """Train the run unless another delivery has it or it has ended; answers the status it ended in."""
+    """Train the run unless it has ended or is in hand elsewhere; answers how this delivery ended."""
     record = worker.store.get(run_id)
     if record is None:
         log.error("run %s: no record; nothing to train", run_id)
@@ -69,15 +73,31 @@ def execute_run(run_id: str, worker: Worker) -> str:
         log.info("run %s: already %s; this delivery does nothing", run_id, record.status)
         return record.status
     if not worker.store.claim(run_id, worker.holder, worker.settings.lease_s, time.time()):
-        log.info("run %s: another executor holds it; this delivery does nothing", run_id)
-        return "skipped"
+        # A live executor, or a dead one whose lease has not expired yet: look again once it would have.
+        log.info(
+            "run %s: another executor holds it; checking again in %.0f s", run_id, worker.settings.lease_s
+        )
+        worker.requeue(run_id, worker.settings.lease_s)
+        return "deferred"
     reporter = RunReporter(
         run_id=run_id, user_id=record.user_id, store=worker.store, bus=worker.bus, last_seq=record.last_seq
     )
+    try:
+        return _train_claimed(record.request, record.attempt + 1, reporter, worker)
+    finally:
+        worker.store.release(run_id, worker.holder)
+
+
+def _train_claimed(
+    request_fields: dict[str, object], attempt: int, reporter: RunReporter, worker: Worker
+) -> str:
+    run_id = reporter.run_id
     if worker.store.cancel_requested(run_id):
         reporter.failed("user", "canceled at the user's request before training started", canceled=True)
-        worker.store.release(run_id, worker.holder)
         return "canceled"
+    if attempt > MAX_ATTEMPTS:
+        reporter.failed("system", f"the run lost its worker {MAX_ATTEMPTS} times; it is not tried again")
+        return "failed"
     heartbeat = Heartbeat(
         worker.store,
         run_id,
@@ -87,37 +107,45 @@ def execute_run(run_id: str, worker: Worker) -> str:
     )
     try:
         with heartbeat:
-            request = TrainRequest.from_mapping(record.request)
-            context = RunContext(
-                run_id=run_id,
-                request=request,
-                reporter=reporter,
-                run_dir=worker.settings.run_dir(run_id),
-                artifact_dir=worker.settings.model_dir(run_id),
-                queue=worker.queue,
-                progress_interval_s=worker.settings.progress_interval_s,
-                cancel_requested=heartbeat.cancel_requested.is_set,
-                tokenizer_path=(
-                    None
-                    if request.tokenizer_id == "auto"
-                    else worker.settings.tokenizer_dir(request.tokenizer_id) / "tokenizer.json"
-                ),
+            worker.train()(
+                _context(run_id, TrainRequest.from_mapping(request_fields), reporter, heartbeat, worker)
             )
-            worker.train()(context)
     except SystemExit:
         # A shutdown (Lightning turns SIGTERM into SystemExit): hand the run back, it resumes elsewhere.
         log.warning("run %s: worker shutting down; the run goes back to the queue", run_id)
         worker.store.transition(
             run_id, ("running",), "queued", {"message": "requeued after a worker shutdown"}
         )
-        worker.requeue(run_id)
+        worker.requeue(run_id, 0)
         return "requeued"
+    except LeaseLost:
+        log.warning("run %s: lease lost; the executor that took the run over reports it", run_id)
+        return "lease-lost"
     except Exception as exc:
         log.exception("run %s failed", run_id)
         reporter.failed_with(exc)
-    finally:
-        worker.store.release(run_id, worker.holder)
     if not reporter.finished:
         reporter.failed("system", "training ended without reporting a result")
     final = worker.store.get(run_id)
     return final.status if final else "missing"
+
+
+def _context(
+    run_id: str, request: TrainRequest, reporter: RunReporter, heartbeat: Heartbeat, worker: Worker
+) -> RunContext:
+    return RunContext(
+        run_id=run_id,
+        request=request,
+        reporter=reporter,
+        run_dir=worker.settings.run_dir(run_id),
+        artifact_dir=worker.settings.model_dir(run_id),
+        queue=worker.queue,
+        progress_interval_s=worker.settings.progress_interval_s,
+        cancel_requested=heartbeat.cancel_requested.is_set,
+        lease_lost=heartbeat.lease_lost.is_set,
+        tokenizer_path=(
+            None
+            if request.tokenizer_id == "auto"
+            else worker.settings.tokenizer_dir(request.tokenizer_id) / "tokenizer.json"
+        ),
+    )

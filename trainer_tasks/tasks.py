@@ -20,8 +20,8 @@ from trainer_tasks.runner import Worker, execute_run
 from trainer_tasks.tokenization import train_from_request
 
 
-def requeue(run_id: str) -> None:
-    celery_app.send_task(TRAIN_TASK, args=[run_id])
+def requeue(run_id: str, delay_s: float) -> None:
+    celery_app.send_task(TRAIN_TASK, args=[run_id], countdown=delay_s or None)
 
 
 @functools.cache

@@ -13,7 +13,7 @@ import lightning as L
 import tokenizers
 import torch
 import transformers
-from lightning.pytorch.callbacks import ModelCheckpoint, OnExceptionCheckpoint
+from lightning.pytorch.callbacks import ModelCheckpoint
 from tokenizers import Tokenizer
 from torch.utils.data import DataLoader
 from transformers import GenerationMixin, PreTrainedModel
@@ -28,7 +28,7 @@ from trainer_tasks.artifacts import (
     write_manifest,
     write_metrics_csv,
 )
-from trainer_tasks.callbacks import CompletedDetails, EventCallback
+from trainer_tasks.callbacks import CompletedDetails, EventCallback, ResumableCheckpoint
 from trainer_tasks.data import BlockDataset, Splits, encode, split_blocks
 from trainer_tasks.model import LanguageModel, build_model, count_parameters
 from trainer_tasks.runner import RunContext
@@ -84,6 +84,7 @@ def _train(context: RunContext, started_at: float) -> None:
         tokens_per_sample=request.max_seq_len,
         learning_rate=request.learning_rate,
         cancel_requested=context.cancel_requested,
+        lease_lost=context.lease_lost,
         resources=resources.sample,
     )
     trainer = L.Trainer(
@@ -102,7 +103,7 @@ def _train(context: RunContext, started_at: float) -> None:
             ModelCheckpoint(
                 dirpath=checkpoints, filename="best", monitor="val_loss", mode="min", save_last=True
             ),
-            OnExceptionCheckpoint(dirpath=checkpoints, filename="last"),
+            ResumableCheckpoint(dirpath=checkpoints, filename="last"),
         ],
     )
     train_loader, validation_loader = loaders(splits, request.batch_size, request.seed)
@@ -160,8 +161,12 @@ def save_splits(splits: Splits, folder: Path) -> None:
         torch.save(splits.test, folder / "test.pt")
 
 
-def generate_sample(model: PreTrainedModel, tokenizer: Tokenizer, prompt: torch.Tensor, seed: int) -> str:
-    """A short continuation of a held-out prompt, sampled with a fixed seed."""
+def generate_sample(
+    model: PreTrainedModel, tokenizer: Tokenizer, validation: torch.Tensor, max_seq_len: int, seed: int
+) -> str:
+    """A short continuation of a held-out prompt, sampled with a fixed seed, within the model's context."""
+    prompt = validation[0][: min(8, max_seq_len // 2)]
+    new_tokens = min(SAMPLE_TOKENS, max_seq_len - len(prompt))
     if not isinstance(model, GenerationMixin):
         raise TypeError(f"{type(model).__name__} cannot generate text")
     model.train(False)
@@ -170,7 +175,7 @@ def generate_sample(model: PreTrainedModel, tokenizer: Tokenizer, prompt: torch.
         generated: object = model.generate(
             input_ids=prompt.unsqueeze(0),
             attention_mask=torch.ones_like(prompt).unsqueeze(0),
-            max_new_tokens=SAMPLE_TOKENS,
+            max_new_tokens=new_tokens,
             do_sample=True,
             top_k=40,
             temperature=0.8,
@@ -200,7 +205,9 @@ def save_artifacts(
     write_metrics_csv(metrics, folder / "metrics.csv")
     title = f"{context.request.model_family}/{context.request.model_size} run {context.run_id[:8]}"
     plot_loss_curve(metrics, folder / "loss_curve.png", title)
-    sample = generate_sample(model, tokenizer, splits.validation[0][:8], context.request.seed)
+    sample = generate_sample(
+        model, tokenizer, splits.validation, context.request.max_seq_len, context.request.seed
+    )
     params = count_parameters(model)
     final = [row for row in metrics.rows if row.val_loss is not None]
     write_manifest(
