@@ -142,8 +142,8 @@ def start_web(env: Mapping[str, str], log_dir: Path) -> tuple[Service, str]:
 
     def healthy() -> bool:
         try:
-            return requests.get(f"{url}/healthz", timeout=1).status_code == 200
-        except requests.ConnectionError:
+            return requests.get(f"{url}/healthz", timeout=2).status_code == 200
+        except (requests.ConnectionError, requests.Timeout):
             return False
 
     wait_until(healthy, 30, "web", service)

@@ -25,8 +25,14 @@ from schemas.events import (
 )
 from schemas.runs import RunRecord, RunStore
 from trainer_tasks.artifacts import MetricsLog
-from trainer_tasks.callbacks import CompletedDetails, EventCallback, current_lr, scalar
-from trainer_tasks.errors import RunCanceled, UserError
+from trainer_tasks.callbacks import (
+    CompletedDetails,
+    EventCallback,
+    ResumableCheckpoint,
+    current_lr,
+    scalar,
+)
+from trainer_tasks.errors import LeaseLost, RunCanceled, UserError
 from trainer_tasks.events import EventBus
 from trainer_tasks.reporting import RunReporter
 from trainer_tasks.resources import ResourceSample
@@ -171,6 +177,7 @@ def callback(
     interval_s: float = 1e9,
     clock: Callable[[], float] = lambda: 0.0,
     cancel_requested: Callable[[], bool] = lambda: False,
+    lease_lost: Callable[[], bool] = lambda: False,
     metrics: MetricsLog | None = None,
 ) -> EventCallback:
     return EventCallback(
@@ -184,6 +191,7 @@ def callback(
         tokens_per_sample=TOKENS_PER_SAMPLE,
         learning_rate=LEARNING_RATE,
         cancel_requested=cancel_requested,
+        lease_lost=lease_lost,
         clock=clock,
     )
 
@@ -368,6 +376,59 @@ def test_a_shutdown_is_not_reported_as_a_failure(
     assert failed.error_kind == "system"
     assert "OSError" in failed.message
     assert "/secret" not in failed.message
+
+
+def test_a_lost_lease_stops_training_and_reports_nothing(
+    tmp_path: Path, reporter: RunReporter, saved: SavedArtifacts, store: RunStore, redis_client: redis.Redis
+) -> None:
+    lost = CancelAfter(calls=3)
+    metrics = MetricsLog()
+    run = trainer(tmp_path, callback(reporter, saved, lease_lost=lost, metrics=metrics), epochs=3)
+    with pytest.raises(LeaseLost, match="run run-1: lease lost at step 3"):
+        fit(run, TinyModule())
+    # Asked once per step; the step that finds the lease gone is not logged as this executor's.
+    assert lost.calls == 3
+    assert [row.step for row in metrics.rows if row.train_loss is not None] == [1, 2]
+    # The executor that took the run over reports it: no failed event, no final status, here.
+    assert [type(event) for event in sent_events(redis_client)] == [TrainStarted]
+    assert reporter.finished is False
+    assert record_of(store).status == "running"
+    assert saved.modules == []
+
+
+def test_on_exception_reports_a_lost_lease_as_nothing(
+    tmp_path: Path, reporter: RunReporter, saved: SavedArtifacts, store: RunStore, redis_client: redis.Redis
+) -> None:
+    events = callback(reporter, saved)
+    run, module = trainer(tmp_path, events), TinyModule()
+    events.on_exception(run, module, LeaseLost("taken over"))
+    assert reporter.finished is False
+    assert sent_events(redis_client) == []
+    assert record_of(store).status == "running"
+
+
+@pytest.mark.parametrize(
+    ("exception", "saves"),
+    [(LeaseLost("taken over"), False), (SystemExit(1), True), (RuntimeError("boom"), True)],
+)
+def test_the_resumable_checkpoint_saves_unless_the_lease_was_lost(
+    exception: BaseException, saves: bool, tmp_path: Path
+) -> None:
+    checkpoint = ResumableCheckpoint(dirpath=tmp_path / "checkpoints", filename="last")
+    run = L.Trainer(
+        max_epochs=1,
+        accelerator="cpu",
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=tmp_path,
+        callbacks=[checkpoint],
+    )
+    module = TinyModule()
+    run.fit(module, train_dataloaders=loader(), val_dataloaders=loader())
+    (tmp_path / "checkpoints" / "last.ckpt").unlink()
+    checkpoint.on_exception(run, module, exception)
+    assert (tmp_path / "checkpoints" / "last.ckpt").is_file() is saves
 
 
 class NotRankZero(L.Trainer):

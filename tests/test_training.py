@@ -40,7 +40,7 @@ from scripts import corpus
 from trainer_tasks import resources, training
 from trainer_tasks.artifacts import MetricsLog, plot_loss_curve
 from trainer_tasks.data import BlockDataset, encode, split_blocks
-from trainer_tasks.errors import RunCanceled, UserError
+from trainer_tasks.errors import LeaseLost, RunCanceled, UserError
 from trainer_tasks.events import EventBus
 from trainer_tasks.model import LanguageModel, build_model, count_parameters
 from trainer_tasks.reporting import RunReporter
@@ -87,6 +87,7 @@ def context_for(
     train_request: TrainRequest,
     root: Path,
     cancel_requested: Callable[[], bool] = lambda: False,
+    lease_lost: Callable[[], bool] = lambda: False,
 ) -> RunContext:
     """A claimed run and the context the runner would give the training."""
     store = RunStore(client)
@@ -104,6 +105,7 @@ def context_for(
         queue="training",
         progress_interval_s=0.0,
         cancel_requested=cancel_requested,
+        lease_lost=lease_lost,
     )
 
 
@@ -269,15 +271,76 @@ def test_the_same_seed_gives_the_same_losses(
     assert losses(events_of(redis_client, "run-other")) != losses(trained.events)
 
 
-def test_a_short_context_run_completes(trained: Trained, redis_client: redis.Redis, tmp_path: Path) -> None:
-    """max_seq_len 16 is a valid request (the API allows 8 and up); the run must still complete."""
-    short = dataclasses.replace(request(trained.corpus_path, num_epochs=1), max_seq_len=16)
-    context = context_for(redis_client, "run-short", short, tmp_path)
+@pytest.mark.parametrize("max_seq_len", [8, 16])
+def test_a_short_context_run_completes(
+    max_seq_len: int, trained: Trained, redis_client: redis.Redis, tmp_path: Path
+) -> None:
+    """max_seq_len 8..47 is a valid request (the API allows 8 and up); the run must still complete."""
+    short = dataclasses.replace(request(trained.corpus_path, num_epochs=1), max_seq_len=max_seq_len)
+    run_id = f"run-short-{max_seq_len}"
+    context = context_for(redis_client, run_id, short, tmp_path)
     training.train(context)
-    assert record_of(redis_client, "run-short").status == "completed"
-    done = events_of(redis_client, "run-short")[-1]
+    assert record_of(redis_client, run_id).status == "completed"
+    done = events_of(redis_client, run_id)[-1]
     assert isinstance(done, TrainCompleted)
-    assert AutoModelForCausalLM.from_pretrained(context.artifact_dir).config.n_positions == 16
+    assert isinstance(done.sample, str)
+    assert AutoModelForCausalLM.from_pretrained(context.artifact_dir).config.n_positions == max_seq_len
+
+
+class ShutdownAtStep:
+    """A cancel check that raises SystemExit (as Lightning does on SIGTERM) on its `step`-th call."""
+
+    def __init__(self, step: int) -> None:
+        self.calls = 0
+        self._step = step
+
+    def __call__(self) -> bool:
+        self.calls += 1
+        if self.calls == self._step:
+            raise SystemExit(1)
+        return False
+
+
+def test_a_shutdown_saves_last_and_the_next_delivery_resumes_there(
+    trained: Trained, redis_client: redis.Redis, tmp_path: Path
+) -> None:
+    one_epoch = request(trained.corpus_path, num_epochs=1)
+    context = context_for(redis_client, "run-resume", one_epoch, tmp_path, cancel_requested=ShutdownAtStep(3))
+    with pytest.raises(SystemExit):
+        training.train(context)
+    checkpoint = context.run_dir / "checkpoints" / "last.ckpt"
+    assert checkpoint.is_file()
+    assert torch.load(checkpoint, weights_only=False)["global_step"] == 3
+    # A shutdown is no failure: nothing ended, the record still says running.
+    assert [type(event) for event in events_of(redis_client, "run-resume")] == [
+        TrainStarted,
+        TrainProgress,
+        TrainProgress,
+    ]
+    assert record_of(redis_client, "run-resume").status == "running"
+    # The redelivery (same run folder) continues from step 3 rather than starting over.
+    again = dataclasses.replace(context, cancel_requested=lambda: False)
+    training.train(again)
+    events = events_of(redis_client, "run-resume")
+    resumed = [event.step for event in events[3:] if isinstance(event, TrainProgress)]
+    assert resumed[0] == 4
+    assert isinstance(events[-1], TrainCompleted)
+    assert record_of(redis_client, "run-resume").status == "completed"
+
+
+def test_a_lost_lease_stops_training_reports_nothing_and_saves_no_checkpoint(
+    trained: Trained, redis_client: redis.Redis, tmp_path: Path
+) -> None:
+    context = context_for(
+        redis_client, "run-lost", request(trained.corpus_path), tmp_path, lease_lost=lambda: True
+    )
+    with pytest.raises(LeaseLost, match="run run-lost: lease lost at step 1"):
+        training.train(context)
+    # Only the started event: the executor that took the run over reports how it ends.
+    assert [type(event) for event in events_of(redis_client, "run-lost")] == [TrainStarted]
+    assert record_of(redis_client, "run-lost").status == "running"
+    assert not (context.run_dir / "checkpoints").exists()
+    assert not context.artifact_dir.exists()
 
 
 def test_a_huge_learning_rate_fails_as_the_users(
@@ -454,21 +517,47 @@ def test_build_model_rejects_a_builder_that_builds_no_model(
 
 def test_generate_sample_needs_a_generating_model(monkeypatch: pytest.MonkeyPatch) -> None:
     tokenizer = train_tokenizer("a b c a b c\n" * 20, vocab_size=260)
-    prompt = torch.tensor([1, 2, 3])
+    validation = torch.tensor([[1, 2, 3, 4, 5, 6, 7, 8, 9, 10]])
     config = GPT2Config(vocab_size=260, n_positions=64, n_embd=8, n_layer=1, n_head=1)
     with pytest.raises(TypeError, match="GPT2Model cannot generate text"):
-        training.generate_sample(GPT2Model(config), tokenizer, prompt, seed=0)
+        training.generate_sample(GPT2Model(config), tokenizer, validation, 64, seed=0)
     model = GPT2LMHeadModel(config)
-    sample = training.generate_sample(model, tokenizer, prompt, seed=0)
+    sample = training.generate_sample(model, tokenizer, validation, 64, seed=0)
     assert isinstance(sample, str)
-    assert sample == training.generate_sample(model, tokenizer, prompt, seed=0)
+    assert sample == training.generate_sample(model, tokenizer, validation, 64, seed=0)
 
     def no_ids(**inputs: object) -> dict[str, object]:
         return {"sequences": None}
 
     monkeypatch.setattr(model, "generate", no_ids)
     with pytest.raises(TypeError, match="returned no token ids"):
-        training.generate_sample(model, tokenizer, prompt, seed=0)
+        training.generate_sample(model, tokenizer, validation, 64, seed=0)
+
+
+@pytest.mark.parametrize(
+    ("max_seq_len", "prompt_len", "total_len"),
+    [(8, 4, 8), (9, 4, 9), (16, 8, 16), (47, 8, 47), (48, 8, 48), (100, 8, 8 + training.SAMPLE_TOKENS)],
+)
+def test_generate_sample_stays_within_the_context(max_seq_len: int, prompt_len: int, total_len: int) -> None:
+    """Prompt plus new tokens fill at most max_seq_len positions: a model with no more positions generates."""
+    tokenizer = train_tokenizer("a b c a b c\n" * 20, vocab_size=260)
+    validation = torch.arange(1, 2 * max_seq_len + 1).view(2, max_seq_len) % 250 + 1
+    config = GPT2Config(vocab_size=260, n_positions=max_seq_len, n_embd=8, n_layer=1, n_head=1)
+    model = GPT2LMHeadModel(config)
+    positions: list[int] = []
+
+    def note_positions(module: torch.nn.Module, args: tuple[object, ...], output: object) -> None:
+        [ids] = args
+        assert isinstance(ids, torch.Tensor)
+        positions.append(int(ids.max()))
+
+    model.transformer.wpe.register_forward_hook(note_positions)
+    sample = training.generate_sample(model, tokenizer, validation, max_seq_len, seed=0)
+    # One forward pass per new token (the ids never hit an end of text); the last token is sampled
+    # from the logits at the position before it, so the model never sees a position past total_len - 2.
+    assert len(positions) == total_len - prompt_len
+    assert max(positions) == total_len - 2
+    assert sample.startswith(tokenizer.decode(validation[0][:prompt_len].tolist()))
 
 
 def test_a_loss_curve_without_rows_still_renders(tmp_path: Path) -> None:
