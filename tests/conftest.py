@@ -35,6 +35,7 @@ class Stack:
     artifacts_root: Path
     worker: devstack.Service
     worker_cwd: Path
+    env: dict[str, str]
 
 
 @pytest.fixture(scope="session")
@@ -61,7 +62,7 @@ def stack(redis_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[
     worker = devstack.start_worker(env, logs, name="training", cwd=worker_cwd)
     light = devstack.start_worker(env, logs, name="light", line="light_worker")
     web, api_url = devstack.start_web(env, logs)
-    yield Stack(api_url, stack_redis_url, root / "corpora", root / "artifacts", worker, worker_cwd)
+    yield Stack(api_url, stack_redis_url, root / "corpora", root / "artifacts", worker, worker_cwd, env)
     for service in (web, light, worker):
         service.stop()
 
