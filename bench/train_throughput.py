@@ -9,7 +9,7 @@ import os
 import statistics
 import tempfile
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -127,27 +127,6 @@ def service_span(progress: Sequence[TrainProgress], start_step: int) -> Span:
 # The service side: the real stack, one run at a time through POST /runs/train.
 
 
-def start_web(env: Mapping[str, str], logs: Path) -> tuple[devstack.Service, str]:
-    """devstack.start_web, except that a health check timing out (a loaded machine) means "not yet":
-    there the timeout escapes start_web and leaves the API running unstopped."""
-    port = devstack.free_port()
-    web = devstack.start_procfile("web", {**env, "HOST": "127.0.0.1", "PORT": str(port)}, logs)
-    api_url = f"http://127.0.0.1:{port}"
-
-    def healthy() -> bool:
-        try:
-            return requests.get(f"{api_url}/healthz", timeout=2).status_code == 200
-        except requests.RequestException:
-            return False
-
-    try:
-        devstack.wait_until(healthy, 60, "web", web)
-    except BaseException:
-        web.stop()
-        raise
-    return web, api_url
-
-
 @contextmanager
 def running_stack(workdir: Path) -> Iterator[Stack]:
     """Redis, the training worker and the API, as scripts.devstack starts them for the tests."""
@@ -165,7 +144,7 @@ def running_stack(workdir: Path) -> Iterator[Stack]:
     services = [redis_service]
     try:
         services.append(devstack.start_worker(env, logs, cwd=worker_cwd))
-        web, api_url = start_web(env, logs)
+        web, api_url = devstack.start_web(env, logs)
         services.append(web)
         yield Stack(api_url, redis_url)
     finally:

@@ -64,7 +64,7 @@ def local_stack(workdir: Path) -> Iterator[tuple[str, str, Path]]:
             "APP__LOGS_ROOT": str(workdir / "logs"),
             "WEB_CONCURRENCY": "1",
         }
-        print("starting   Redis, Celery worker and API (logs in var/demo/logs) ...", flush=True)
+        print(f"starting   Redis, Celery worker and API (logs in {workdir / 'logs'}) ...", flush=True)
         worker = devstack.start_worker(env, workdir / "logs")
         stack.callback(worker.stop)
         web, api_url = devstack.start_web(env, workdir / "logs")
@@ -99,11 +99,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--epochs", type=int, default=3)
     parser.add_argument("--sentences", type=int, default=6000, help="size of the generated corpus")
     parser.add_argument("--timeout", type=float, default=900)
+    parser.add_argument(
+        "--workdir", type=Path, default=WORKDIR, help="emptied first; logs and artifacts stay"
+    )
     args = parser.parse_args(argv)
 
     started = time.monotonic()
-    shutil.rmtree(WORKDIR, ignore_errors=True)
-    with local_stack(WORKDIR) as (api_url, redis_url, corpora):
+    shutil.rmtree(args.workdir, ignore_errors=True)
+    with local_stack(args.workdir) as (api_url, redis_url, corpora):
         corpus.write(corpora / "stories.txt", args.sentences)
         request: dict[str, object] = {
             "model_family": "gpt2",

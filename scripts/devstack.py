@@ -65,6 +65,15 @@ def wait_until(
     )
 
 
+def wait_ready(service: Service, ready: Callable[[], bool], timeout_s: float) -> None:
+    """Wait for a started service; one that never gets ready is stopped, not left behind."""
+    try:
+        wait_until(ready, timeout_s, service.name, service)
+    except BaseException:
+        service.stop()
+        raise
+
+
 def start(
     name: str, argv: list[str], env: Mapping[str, str], log_dir: Path, cwd: Path = REPO_ROOT
 ) -> Service:
@@ -117,7 +126,7 @@ def start_redis(workdir: Path) -> tuple[Service, str]:
         except redis.ConnectionError:
             return False
 
-    wait_until(answers, 10, "redis", service)
+    wait_ready(service, answers, 10)
     client.close()
     return service, url
 
@@ -146,7 +155,7 @@ def start_web(env: Mapping[str, str], log_dir: Path) -> tuple[Service, str]:
         except (requests.ConnectionError, requests.Timeout):
             return False
 
-    wait_until(healthy, 30, "web", service)
+    wait_ready(service, healthy, 60)
     return service, url
 
 
@@ -156,5 +165,5 @@ def start_worker(
     """A Procfile worker line (`worker` trains, `light_worker` runs tokenizer and evaluation tasks)."""
     service = start_procfile(line, {**env, "WORKER_NAME": name}, log_dir, cwd=cwd)
     # Celery logs "<hostname> ready." once it consumes from its queues.
-    wait_until(lambda: " ready." in service.log(), 90, name, service)
+    wait_ready(service, lambda: " ready." in service.log(), 90)
     return service

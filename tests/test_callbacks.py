@@ -421,7 +421,6 @@ def test_the_resumable_checkpoint_saves_unless_the_lease_was_lost(
         logger=False,
         enable_progress_bar=False,
         enable_model_summary=False,
-        enable_checkpointing=False,
         default_root_dir=tmp_path,
         callbacks=[checkpoint],
     )

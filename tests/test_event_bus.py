@@ -106,24 +106,53 @@ def test_send_appends_to_the_stream_with_field_event(bus: EventBus, redis_client
     assert [decode_event(payload) for payload in stream_payloads(redis_client)] == [first, second]
 
 
+def existing_run(client: redis.Redis, run_id: str) -> None:
+    client.hset(run_key(run_id), mapping={"run_id": run_id, "status": "running"})
+
+
 def test_send_writes_last_event_and_last_seq_on_the_run_hash(
     bus: EventBus, redis_client: redis.Redis
 ) -> None:
+    existing_run(redis_client, "run-7")
     event = progress(run_id="run-7", seq=42)
-    bus.send(event)
+    assert bus.send(event)
     stored = redis_client.hgetall(run_key("run-7"))
     assert stored[b"last_event"] == encode_event(event).encode()
     assert stored[b"last_seq"] == b"42"
+    # The rest of the record is left as it was.
+    assert stored[b"status"] == b"running"
     assert not redis_client.exists(run_key("run-1"))
 
 
 def test_an_event_without_seq_records_last_seq_zero(bus: EventBus, redis_client: redis.Redis) -> None:
+    existing_run(redis_client, "run-2")
     failed = TrainFailed(
         request_id="run-2", run_id="run-2", user_id=0, error_kind="system", message="x", status="failed"
     )
     assert bus.send(failed)
     assert redis_client.hget(run_key("run-2"), "last_seq") == b"0"
     assert decode_event(stream_payloads(redis_client)[0]) == failed
+
+
+def test_an_event_for_a_deleted_run_is_delivered_but_does_not_recreate_the_record(
+    bus: EventBus, subscriber: redis.client.PubSub, redis_client: redis.Redis
+) -> None:
+    event = progress(run_id="run-gone", seq=3)
+    assert bus.send(event) is True
+    assert decode_event(next_message(subscriber)) == event
+    assert [decode_event(payload) for payload in stream_payloads(redis_client)] == [event]
+    assert not redis_client.exists(run_key("run-gone"))
+
+
+def test_each_sent_event_is_logged_at_info(
+    bus: EventBus, redis_client: redis.Redis, caplog: pytest.LogCaptureFixture
+) -> None:
+    event = progress(run_id="run-3", seq=5)
+    with caplog.at_level(logging.INFO, logger="trainer_tasks.events"):
+        assert bus.send(event)
+    assert [(record.levelno, record.getMessage()) for record in caplog.records] == [
+        (logging.INFO, f"event {encode_event(event)}")
+    ]
 
 
 def test_the_stream_is_trimmed_near_maxlen(redis_client: redis.Redis) -> None:

@@ -92,6 +92,18 @@ def test_beat_notices_an_expired_lease(store: RunStore, redis_client: redis.Redi
     assert not redis_client.exists(lease_key(RUN_ID))
 
 
+def test_beat_on_a_deleted_run_writes_nothing_and_reports_the_lease_lost(
+    store: RunStore, redis_client: redis.Redis
+) -> None:
+    redis_client.delete(run_key(RUN_ID))
+    beat = heartbeat(store, CountingClock())
+    beat.beat()
+    assert beat.lease_lost.is_set()
+    # The deleted run is not brought back as a fragment, and its lease is not extended.
+    assert not redis_client.exists(run_key(RUN_ID))
+    assert redis_client.pttl(lease_key(RUN_ID)) <= 1000
+
+
 @pytest.mark.parametrize(("flag", "expected"), [("1", True), ("0", False), ("", False)])
 def test_beat_reads_the_cancel_flag(
     flag: str, expected: bool, store: RunStore, redis_client: redis.Redis

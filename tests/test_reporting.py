@@ -21,7 +21,7 @@ from schemas.events import (
     TrainStarted,
     decode_event,
 )
-from schemas.runs import RunRecord, RunStore, run_key
+from schemas.runs import RunRecord, RunStatus, RunStore, run_key
 from scripts.devstack import free_port
 from trainer_tasks.errors import RunCanceled, UserError
 from trainer_tasks.events import EventBus
@@ -279,6 +279,52 @@ def test_progress_saves_the_summary_in_the_record(
     assert record_of(store).status == "running"
 
 
+@pytest.mark.parametrize("ended", ["completed", "failed", "canceled"])
+def test_completed_of_a_run_that_already_ended_sends_nothing(
+    ended: RunStatus, store: RunStore, bus: RecordAtSend, clock: StepClock, redis_client: redis.Redis
+) -> None:
+    assert store.finish(RUN_ID, ended, "ended elsewhere", 50.0)
+    reporter = reporter_for(store, bus, clock)
+    reporter.completed(completed())
+    assert reporter.finished is True
+    assert sent_events(redis_client) == []
+    record = record_of(store)
+    assert (record.status, record.message, record.finished_at, record.loss) == (
+        ended,
+        "ended elsewhere",
+        50.0,
+        None,
+    )
+    # Finished for good: a later failure is not recorded or sent either.
+    reporter.failed("system", "late")
+    assert sent_events(redis_client) == []
+    assert record_of(store).message == "ended elsewhere"
+
+
+def test_failed_of_a_run_that_is_no_longer_running_sends_nothing(
+    store: RunStore, bus: RecordAtSend, clock: StepClock, redis_client: redis.Redis
+) -> None:
+    # Another executor's shutdown handed the run back to the queue: this one no longer owns its ending.
+    assert store.transition(RUN_ID, ("running",), "queued", {"message": "requeued"})
+    reporter = reporter_for(store, bus, clock)
+    reporter.failed_with(UserError("the corpus is too small"))
+    assert reporter.finished is True
+    assert sent_events(redis_client) == []
+    record = record_of(store)
+    assert (record.status, record.message, record.error_kind) == ("queued", "requeued", None)
+
+
+def test_failed_of_a_deleted_run_sends_nothing(
+    store: RunStore, bus: RecordAtSend, clock: StepClock, redis_client: redis.Redis
+) -> None:
+    redis_client.delete(run_key(RUN_ID))
+    reporter = reporter_for(store, bus, clock)
+    reporter.failed("system", "gone")
+    assert reporter.finished is True
+    assert sent_events(redis_client) == []
+    assert not redis_client.exists(run_key(RUN_ID))
+
+
 @pytest.fixture
 def unreachable() -> Iterator[redis.Redis]:
     client = redis.Redis(
@@ -303,3 +349,18 @@ def test_a_redis_error_while_saving_progress_does_not_raise(
     assert isinstance(event, TrainProgress)
     assert event.step == 7
     assert any("progress of run run-1 not recorded" in record.getMessage() for record in caplog.records)
+
+
+def test_a_redis_error_while_recording_the_end_leaves_the_reporter_unfinished(
+    unreachable: redis.Redis, store: RunStore, bus: RecordAtSend, clock: StepClock, redis_client: redis.Redis
+) -> None:
+    broken = reporter_for(RunStore(unreachable), bus, clock)
+    with pytest.raises(redis.ConnectionError):
+        broken.completed(completed())
+    assert broken.finished is False
+    with pytest.raises(redis.ConnectionError):
+        broken.failed("system", "could not record")
+    assert broken.finished is False
+    # Nothing was sent for an ending that was never recorded.
+    assert sent_events(redis_client) == []
+    assert record_of(store).status == "running"

@@ -76,6 +76,23 @@ def test_get_unknown_run_is_none(store: RunStore) -> None:
     assert store.get("nope") is None
 
 
+@pytest.mark.parametrize(
+    "fragment",
+    [
+        {"last_heartbeat_ts": "5.0"},
+        {"last_event": "{}", "last_seq": "3"},
+        {"run_id": "run-1", "last_seq": "3"},
+        {"status": "running", "user_id": "7"},
+    ],
+)
+def test_get_of_a_fragment_without_run_id_or_status_is_none(
+    fragment: dict[str, str], store: RunStore, redis_client: redis.Redis
+) -> None:
+    """What a late write leaves after a record was deleted is no run: the run is unknown."""
+    redis_client.hset(run_key("run-1"), mapping=fragment)
+    assert store.get("run-1") is None
+
+
 def test_get_with_a_decoding_client(redis_url: str, store: RunStore) -> None:
     _create(store)
     text_client = redis.Redis.from_url(redis_url, decode_responses=True)
@@ -165,6 +182,17 @@ def test_renew_without_a_lease_fails(store: RunStore) -> None:
     _create(store)
     assert not store.renew("run-1", "worker-a", lease_s=60, now=NOW + 1)
     assert _get(store).last_heartbeat_ts is None
+
+
+def test_renew_of_a_deleted_run_fails_and_recreates_nothing(
+    store: RunStore, redis_client: redis.Redis
+) -> None:
+    _create(store)
+    assert store.claim("run-1", "worker-a", lease_s=1, now=NOW + 1)
+    redis_client.delete(run_key("run-1"))
+    assert not store.renew("run-1", "worker-a", lease_s=60, now=NOW + 2)
+    assert redis_client.exists(run_key("run-1")) == 0
+    assert redis_client.pttl(lease_key("run-1")) <= 1000
 
 
 def test_release_only_by_the_holder(store: RunStore, redis_client: redis.Redis) -> None:

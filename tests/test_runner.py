@@ -15,13 +15,13 @@ import redis
 from schemas.api import TrainRequest
 from schemas.events import EVENTS_STREAM, NotAnEvent, TrainCompleted, TrainEvent, TrainFailed, decode_event
 from schemas.jobs import JobStore
-from schemas.runs import RunRecord, RunStore, lease_key, run_key
+from schemas.runs import RedisValue, RunRecord, RunStatus, RunStore, lease_key, run_key
 from schemas.settings import Settings
 from trainer_tasks import tasks
 from trainer_tasks.app import TRAIN_TASK, app, celery_app
-from trainer_tasks.errors import RunCanceled, UserError
+from trainer_tasks.errors import LeaseLost, RunCanceled, UserError
 from trainer_tasks.events import EventBus
-from trainer_tasks.runner import RunContext, TrainFn, Worker, execute_run, load_training
+from trainer_tasks.runner import MAX_ATTEMPTS, RunContext, TrainFn, Worker, execute_run, load_training
 
 RUN_ID = "run-1"
 USER_ID = 123456789012345678
@@ -45,10 +45,10 @@ def request_mapping(corpus: Path) -> dict[str, object]:
 
 class Requeued:
     def __init__(self) -> None:
-        self.run_ids: list[str] = []
+        self.calls: list[tuple[str, float]] = []
 
-    def __call__(self, run_id: str) -> None:
-        self.run_ids.append(run_id)
+    def __call__(self, run_id: str, delay_s: float) -> None:
+        self.calls.append((run_id, delay_s))
 
 
 class FakeTraining:
@@ -177,7 +177,7 @@ def test_a_terminal_record_is_answered_without_training(
     assert record_of(store).attempt == 0
 
 
-def test_a_lease_held_by_another_executor_skips(
+def test_a_lease_held_by_another_executor_defers_the_delivery_by_a_lease(
     worker_settings: Settings,
     redis_client: redis.Redis,
     requeued: Requeued,
@@ -187,10 +187,163 @@ def test_a_lease_held_by_another_executor_skips(
     create_run()
     redis_client.set(lease_key(RUN_ID), "host:2:ffff", px=60_000)
     training = FakeTraining(never_called)
-    assert execute_run(RUN_ID, make_worker(worker_settings, redis_client, requeued, training)) == "skipped"
+    assert execute_run(RUN_ID, make_worker(worker_settings, redis_client, requeued, training)) == "deferred"
     assert training.contexts == []
-    assert record_of(store).status == "queued"
+    # Looked at again once a dead holder's lease would have expired.
+    assert requeued.calls == [(RUN_ID, worker_settings.lease_s)]
+    record = record_of(store)
+    assert (record.status, record.attempt) == ("queued", 0)
     assert redis_client.get(lease_key(RUN_ID)) == b"host:2:ffff"
+    assert sent_events(redis_client) == []
+
+
+def test_a_deferred_delivery_trains_once_the_lease_is_gone(
+    worker_settings: Settings,
+    redis_client: redis.Redis,
+    requeued: Requeued,
+    store: RunStore,
+    create_run: Callable[[], RunRecord],
+) -> None:
+    create_run()
+    redis_client.set(lease_key(RUN_ID), "host:2:ffff", px=60_000)
+    worker = make_worker(worker_settings, redis_client, requeued, FakeTraining(completes))
+    assert execute_run(RUN_ID, worker) == "deferred"
+    redis_client.delete(lease_key(RUN_ID))  # the dead holder's lease expires
+    assert execute_run(RUN_ID, worker) == "completed"
+    assert record_of(store).attempt == 1
+    assert requeued.calls == [(RUN_ID, worker_settings.lease_s)]
+
+
+@pytest.mark.parametrize("previous_attempts", [0, MAX_ATTEMPTS - 1])
+def test_a_run_is_trained_up_to_max_attempts(
+    previous_attempts: int,
+    worker_settings: Settings,
+    redis_client: redis.Redis,
+    requeued: Requeued,
+    store: RunStore,
+    create_run: Callable[[], RunRecord],
+) -> None:
+    create_run()
+    redis_client.hset(run_key(RUN_ID), "attempt", previous_attempts)
+    training = FakeTraining(completes)
+    assert execute_run(RUN_ID, make_worker(worker_settings, redis_client, requeued, training)) == "completed"
+    assert len(training.contexts) == 1
+    assert record_of(store).attempt == previous_attempts + 1
+
+
+@pytest.mark.parametrize("previous_attempts", [MAX_ATTEMPTS, MAX_ATTEMPTS + 3])
+def test_a_run_that_keeps_losing_its_worker_fails_as_ours(
+    previous_attempts: int,
+    worker_settings: Settings,
+    redis_client: redis.Redis,
+    requeued: Requeued,
+    store: RunStore,
+    create_run: Callable[[], RunRecord],
+) -> None:
+    create_run()
+    redis_client.hset(run_key(RUN_ID), "attempt", previous_attempts)
+    training = FakeTraining(never_called)
+    assert execute_run(RUN_ID, make_worker(worker_settings, redis_client, requeued, training)) == "failed"
+    assert training.contexts == []
+    record = record_of(store)
+    assert (record.status, record.error_kind) == ("failed", "system")
+    assert record.message == f"the run lost its worker {MAX_ATTEMPTS} times; it is not tried again"
+    [event] = sent_events(redis_client)
+    assert isinstance(event, TrainFailed)
+    assert (event.error_kind, event.status, event.message) == ("system", "failed", record.message)
+    assert not redis_client.exists(lease_key(RUN_ID))
+    assert requeued.calls == []
+
+
+def test_a_cancel_wins_over_the_attempt_limit(
+    worker_settings: Settings,
+    redis_client: redis.Redis,
+    requeued: Requeued,
+    store: RunStore,
+    create_run: Callable[[], RunRecord],
+) -> None:
+    create_run()
+    redis_client.hset(run_key(RUN_ID), mapping={"attempt": MAX_ATTEMPTS, "cancel_requested": "1"})
+    training = FakeTraining(never_called)
+    assert execute_run(RUN_ID, make_worker(worker_settings, redis_client, requeued, training)) == "canceled"
+    assert (record_of(store).status, record_of(store).error_kind) == ("canceled", "user")
+
+
+def test_a_lost_lease_ends_the_delivery_without_reporting(
+    worker_settings: Settings,
+    redis_client: redis.Redis,
+    requeued: Requeued,
+    store: RunStore,
+    create_run: Callable[[], RunRecord],
+) -> None:
+    create_run()
+    seen: list[bool] = []
+
+    def body(context: RunContext) -> None:
+        seen.append(context.lease_lost())
+        # Another executor takes the run over; the heartbeat notices at its next renewal.
+        redis_client.set(lease_key(RUN_ID), "host:2:ffff", px=60_000)
+        deadline = time.monotonic() + 5.0
+        while not context.lease_lost() and time.monotonic() < deadline:
+            time.sleep(0.01)
+        seen.append(context.lease_lost())
+        raise LeaseLost("taken over")
+
+    training = FakeTraining(body)
+    assert execute_run(RUN_ID, make_worker(worker_settings, redis_client, requeued, training)) == "lease-lost"
+    assert seen == [False, True]
+    # Nothing is reported, nothing requeued, and the new holder's lease is left alone.
+    assert sent_events(redis_client) == []
+    assert requeued.calls == []
+    record = record_of(store)
+    assert (record.status, record.finished_at) == ("running", None)
+    assert redis_client.get(lease_key(RUN_ID)) == b"host:2:ffff"
+
+
+def test_a_lease_lost_while_still_held_is_released(
+    worker_settings: Settings,
+    redis_client: redis.Redis,
+    requeued: Requeued,
+    store: RunStore,
+    create_run: Callable[[], RunRecord],
+) -> None:
+    create_run()
+    training = FakeTraining(raises(LeaseLost("taken over")))
+    assert execute_run(RUN_ID, make_worker(worker_settings, redis_client, requeued, training)) == "lease-lost"
+    assert sent_events(redis_client) == []
+    assert record_of(store).status == "running"
+    assert not redis_client.exists(lease_key(RUN_ID))
+
+
+def test_a_completion_the_store_cannot_record_is_reported_as_a_failure(
+    worker_settings: Settings,
+    redis_client: redis.Redis,
+    requeued: Requeued,
+    store: RunStore,
+    create_run: Callable[[], RunRecord],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A Redis error while writing the result leaves the reporter unfinished; the runner reports it."""
+    create_run()
+    worker = make_worker(worker_settings, redis_client, requeued, FakeTraining(completes))
+    real_finish = worker.store.finish
+    calls: list[str] = []
+
+    def flaky_finish(run_id: str, status: RunStatus, message: str, now: float, **metrics: RedisValue) -> bool:
+        calls.append(status)
+        if status == "completed":
+            raise redis.ConnectionError("connection reset")
+        return real_finish(run_id, status, message, now, **metrics)
+
+    monkeypatch.setattr(worker.store, "finish", flaky_finish)
+    assert execute_run(RUN_ID, worker) == "failed"
+    assert calls == ["completed", "failed"]
+    record = record_of(store)
+    assert (record.status, record.error_kind) == ("failed", "system")
+    assert "ConnectionError" in record.message
+    [event] = sent_events(redis_client)
+    assert isinstance(event, TrainFailed)
+    assert not redis_client.exists(lease_key(RUN_ID))
 
 
 def test_a_run_that_completes(
@@ -211,7 +364,7 @@ def test_a_run_that_completes(
     events = sent_events(redis_client)
     assert [type(event) for event in events] == [TrainCompleted]
     assert events[0].seq == 1
-    assert requeued.run_ids == []
+    assert requeued.calls == []
 
 
 def test_the_context_carries_the_request_dirs_and_cancel_flag(
@@ -229,6 +382,7 @@ def test_the_context_carries_the_request_dirs_and_cancel_flag(
         assert redis_client.get(lease_key(RUN_ID)) == HOLDER.encode()
         assert record_of(store).status == "running"
         seen_cancel.append(context.cancel_requested())
+        assert context.lease_lost() is False
         redis_client.hset(run_key(RUN_ID), "cancel_requested", "1")
         deadline = time.monotonic() + 5.0
         while not context.cancel_requested() and time.monotonic() < deadline:
@@ -368,7 +522,7 @@ def test_a_shutdown_hands_the_run_back_to_the_queue(
     assert record.status == "queued"
     assert record.message == "requeued after a worker shutdown"
     assert record.finished_at is None
-    assert requeued.run_ids == [RUN_ID]
+    assert requeued.calls == [(RUN_ID, 0)]
     assert not redis_client.exists(lease_key(RUN_ID))
     assert sent_events(redis_client) == []
     # The requeued delivery can claim the run again.
@@ -395,21 +549,27 @@ def test_a_train_that_reports_nothing_fails_as_ours(
     assert "without reporting" in event.message
 
 
-def test_a_record_deleted_after_the_result_answers_missing(
-    settings: Settings,
+def test_a_record_deleted_after_the_result_answers_missing_and_is_not_recreated(
+    worker_settings: Settings,
     redis_client: redis.Redis,
     requeued: Requeued,
     create_run: Callable[[], RunRecord],
 ) -> None:
     create_run()
+    lost: list[bool] = []
 
     def body(context: RunContext) -> None:
         completes(context)
         redis_client.delete(run_key(RUN_ID))
+        # The heartbeat keeps beating: it finds no record, writes nothing and reports the lease lost.
+        deadline = time.monotonic() + 5.0
+        while not context.lease_lost() and time.monotonic() < deadline:
+            time.sleep(0.01)
+        lost.append(context.lease_lost())
 
-    # The default heartbeat interval (seconds) keeps the heartbeat from writing to the deleted hash.
     training = FakeTraining(body)
-    assert execute_run(RUN_ID, make_worker(settings, redis_client, requeued, training)) == "missing"
+    assert execute_run(RUN_ID, make_worker(worker_settings, redis_client, requeued, training)) == "missing"
+    assert lost == [True]
     assert not redis_client.exists(lease_key(RUN_ID))
     assert not redis_client.exists(run_key(RUN_ID))
 
@@ -466,17 +626,18 @@ def test_the_celery_task_runs_a_terminal_record_to_its_status(
 
 class SendTaskRecorder:
     def __init__(self) -> None:
-        self.calls: list[tuple[str, list[str]]] = []
+        self.calls: list[tuple[str, list[str], float | None]] = []
 
-    def __call__(self, name: str, args: list[str]) -> None:
-        self.calls.append((name, args))
+    def __call__(self, name: str, args: list[str], countdown: float | None) -> None:
+        self.calls.append((name, args, countdown))
 
 
-def test_requeue_sends_the_train_task_by_name(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_requeue_sends_the_train_task_by_name_now_or_after_the_delay(monkeypatch: pytest.MonkeyPatch) -> None:
     recorder = SendTaskRecorder()
     monkeypatch.setattr(celery_app, "send_task", recorder)
-    tasks.requeue("run-9")
-    assert recorder.calls == [(TRAIN_TASK, ["run-9"])]
+    tasks.requeue("run-9", 0)
+    tasks.requeue("run-9", 60.0)
+    assert recorder.calls == [(TRAIN_TASK, ["run-9"], None), (TRAIN_TASK, ["run-9"], 60.0)]
 
 
 def test_the_celery_app_is_configured_for_long_training() -> None:
@@ -487,4 +648,6 @@ def test_the_celery_app_is_configured_for_long_training() -> None:
     assert TRAIN_TASK in celery_app.tasks
     assert celery_app.conf.task_default_queue == "training"
     assert celery_app.conf.task_acks_late is True
+    # A dead pool process's run goes back to the queue; the attempt limit ends a crash loop.
+    assert celery_app.conf.task_reject_on_worker_lost is True
     assert celery_app.conf.worker_prefetch_multiplier == 1
