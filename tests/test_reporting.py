@@ -1,4 +1,4 @@
-"""trainer_tasks.reporting.RunReporter on the real store and bus: stamping, record first, one terminal event."""
+"""trainer_tasks.reporting.RunReporter on the real store and bus: stamping, record first, one end event."""
 
 from __future__ import annotations
 
@@ -215,7 +215,11 @@ def test_failed_with_a_user_error_keeps_its_message(
     assert isinstance(event, TrainFailed)
     assert (event.error_kind, event.status, event.message) == ("user", "failed", "use a smaller batch_size")
     record = record_of(store)
-    assert (record.status, record.error_kind, record.message) == ("failed", "user", "use a smaller batch_size")
+    assert (record.status, record.error_kind, record.message) == (
+        "failed",
+        "user",
+        "use a smaller batch_size",
+    )
 
 
 def test_failed_with_run_canceled_ends_canceled(
