@@ -58,6 +58,7 @@ class FakeDiscord:
         self.scripted: list[Scripted] = []
         self._ids = itertools.count(5000)
         self.base_url = ""
+        self.commands: dict[str, dict[str, object]] = {}
 
     def app(self) -> web.Application:
         app = web.Application()
@@ -98,11 +99,33 @@ class FakeDiscord:
                 return _json({"code": 10008, "message": "Unknown Message"}, 404)
             self.messages[message_id] = recorded
             return _json(message_payload(message_id, int(parts[1]), recorded))
+        if parts[0] == "applications" and parts[2:] == ["commands"]:
+            return self._commands(recorded)
         if method == "POST" and parts[0] == "interactions":
             return web.Response(status=204)
         if parts[0] == "webhooks":
             return _json(message_payload(next(self._ids), 1, recorded))
         return _json({"code": 0, "message": "not in this fake"}, 404)
+
+    def _commands(self, recorded: Recorded) -> web.Response:
+        """Application commands: listed, and registered one by one as a bot does on connect."""
+        if recorded.method == "GET":
+            return _json_list(list(self.commands.values()))
+        name = str(recorded.body["name"])
+        registered = {
+            "type": 1,
+            "description": "",
+            "options": [],
+            **recorded.body,
+            "id": str(next(self._ids)),
+            "application_id": str(APPLICATION_ID),
+            "version": "1",
+        }
+        self.commands[name] = registered
+        return _json(registered)
+
+    def command_id(self, name: str) -> str:
+        return str(self.commands[name]["id"])
 
     # What the tests look at.
     def of(self, method: str, path_contains: str) -> list[Recorded]:
@@ -135,7 +158,7 @@ async def _read_body(request: web.Request) -> tuple[dict[str, object], dict[str,
     if request.content_type == "multipart/form-data":
         form = await request.post()
         files = {}
-        for name, value in form.items():
+        for value in form.values():
             if isinstance(value, web.FileField):
                 files[value.filename] = value.file.read()
         payload = form.get("payload_json")
@@ -157,6 +180,10 @@ def _json(body: dict[str, object], status: int = 200, headers: dict[str, str] | 
         status=status,
         headers={**(headers or {}), "Content-Type": "application/json"},
     )
+
+
+def _json_list(items: list[dict[str, object]]) -> web.Response:
+    return web.Response(body=json.dumps(items).encode(), headers={"Content-Type": "application/json"})
 
 
 def message_payload(message_id: int, channel_id: int, recorded: Recorded) -> dict[str, object]:
@@ -195,7 +222,8 @@ async def fake_discord() -> AsyncIterator[tuple[FakeDiscord, nextcord.Client]]:
     fake.base_url = f"http://127.0.0.1:{port}"
     saved = nextcord.http.Route.BASE
     nextcord.http.Route.BASE = f"{fake.base_url}/api/v10"
-    client = nextcord.Client(intents=nextcord.Intents.default())
+    # The application id comes with the gateway's READY in production; this fake has no gateway.
+    client = nextcord.Client(intents=nextcord.Intents.default(), application_id=APPLICATION_ID)
     try:
         await client.login("fake-token")
         yield fake, client

@@ -258,19 +258,20 @@ def build_commands(commands: Commands, catalog: ModelCatalog) -> list[nextcord.S
         await answer(interaction, lambda: commands.runs(caller_id(interaction)))
 
     return [
-        nextcord.SlashApplicationCommand(
-            name="train_model", description="Train a language model on a corpus", callback=train_model
-        ),
-        nextcord.SlashApplicationCommand(
-            name="train_status", description="The status of one of your runs", callback=train_status
-        ),
-        nextcord.SlashApplicationCommand(
-            name="train_cancel", description="Cancel one of your runs", callback=train_cancel
-        ),
-        nextcord.SlashApplicationCommand(
-            name="train_runs", description="Your latest training runs", callback=train_runs
-        ),
+        _slash("train_model", "Train a language model on a corpus", train_model),
+        _slash("train_status", "The status of one of your runs", train_status),
+        _slash("train_cancel", "Cancel one of your runs", train_cancel),
+        _slash("train_runs", "Your latest training runs", train_runs),
     ]
+
+
+def _slash(
+    name: str, description: str, callback: Callable[..., Awaitable[None]]
+) -> nextcord.SlashApplicationCommand:
+    command = nextcord.SlashApplicationCommand(name=name, description=description, callback=callback)
+    # Reads the options from the callback's signature, as nextcord's decorators do.
+    command.from_callback(callback)
+    return command
 
 
 def _corpus_file(attachment: nextcord.Attachment | None) -> CorpusFile | None:
