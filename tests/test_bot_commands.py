@@ -139,11 +139,8 @@ def test_cancel_asks_the_api_for_own_runs_and_says_when_it_ended(
                 == f"Run `{mine}` has already ended; nothing to cancel."
             )
             reply = await h.use("train_status", run_id=mine)
-            assert reply.endswith(
-                "**canceled**, started <t:"
-                + reply.split("<t:")[1].split(">")[0]
-                + ":R>: canceled at your request"
-            )
+            assert "**canceled**" in reply
+            assert reply.endswith(":R>: canceled at your request")
 
     asyncio.run(scenario())
 
