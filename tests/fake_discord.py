@@ -11,7 +11,13 @@ from dataclasses import dataclass, field
 import nextcord
 from aiohttp import web
 
-BOT_USER = {"id": "1000", "username": "trainer", "discriminator": "0", "avatar": None, "bot": True}
+BOT_USER: dict[str, object] = {
+    "id": "1000",
+    "username": "trainer",
+    "discriminator": "0",
+    "avatar": None,
+    "bot": True,
+}
 APPLICATION_ID = 1000
 
 
@@ -87,7 +93,7 @@ class FakeDiscord:
             return _json(BOT_USER)
         if (method, recorded.path) == ("POST", "/users/@me/channels"):
             user_id = str(recorded.body["recipient_id"])
-            recipient = {**BOT_USER, "id": user_id, "bot": False}
+            recipient: dict[str, object] = {**BOT_USER, "id": user_id, "bot": False}
             return _json({"id": str(dm_channel_id(int(user_id))), "type": 1, "recipients": [recipient]})
         if method == "POST" and parts[0] == "channels" and parts[2:] == ["messages"]:
             message_id = next(self._ids)

@@ -65,7 +65,9 @@ class Harness:
         before = len(self.fake.followups())
         # As it arrives from the gateway: JSON text, parsed.
         wire = json.loads(json.dumps(payload))
-        interaction = nextcord.Interaction(data=wire, state=self.bot._connection)
+        interaction: nextcord.Interaction[nextcord.Client] = nextcord.Interaction(
+            data=wire, state=self.bot._connection
+        )
         await self.bot.process_application_commands(interaction)
         callbacks = self.fake.of("POST", f"/interactions/{interaction_id}/")
         assert len(callbacks) == 1, "deferred exactly once"

@@ -280,8 +280,11 @@ def test_an_event_that_keeps_failing_stays_pending_then_is_parked(
         assert len(fake.of("POST", doomed_channel)) == 3
         assert pending(redis_client) == 0
         parked = redis_client.xrange(PARKED_STREAM)
+        assert parked is not None
         assert len(parked) == 1
-        fields = {k.decode(): v.decode() for k, v in parked[0][1].items()}
+        _, raw = parked[0]
+        assert raw is not None
+        fields = {_text(k): _text(v) for k, v in raw.items()}
         assert entry.event_id is not None
         assert entry.event_id in fields["event"]
         assert "Invalid Form" in fields["reason"]
@@ -388,3 +391,7 @@ def test_the_loop_resets_its_backoff_and_stops_when_asked(redis_url: str, redis_
 
     asyncio.run(main())
     assert printed[0].startswith(f"--- DM to user {USER} (message 1) ---\n# Training started")
+
+
+def _text(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value

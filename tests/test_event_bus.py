@@ -21,6 +21,7 @@ from schemas.events import (
 )
 from schemas.runs import run_key
 from scripts.devstack import free_port
+from tests.streams import stream_fields
 from trainer_tasks.events import EventBus
 
 SNOWFLAKE = 123456789012345678
@@ -69,7 +70,7 @@ def next_message(pubsub: redis.client.PubSub, timeout_s: float = 5.0) -> bytes:
 
 
 def stream_payloads(client: redis.Redis) -> list[bytes]:
-    return [fields[b"event"] for _, fields in client.xrange(EVENTS_STREAM)]
+    return [fields[b"event"] for fields in stream_fields(client, EVENTS_STREAM)]
 
 
 def test_send_publishes_the_encoded_event(
@@ -86,8 +87,8 @@ def test_send_appends_to_the_stream_with_field_event(bus: EventBus, redis_client
     first, second = progress(seq=1, step=1), progress(seq=2, step=2)
     assert bus.send(first)
     assert bus.send(second)
-    entries = redis_client.xrange(EVENTS_STREAM)
-    assert [set(fields) for _, fields in entries] == [{b"event"}, {b"event"}]
+    entries = stream_fields(redis_client, EVENTS_STREAM)
+    assert [set(fields) for fields in entries] == [{b"event"}, {b"event"}]
     assert [decode_event(payload) for payload in stream_payloads(redis_client)] == [first, second]
 
 
@@ -97,7 +98,7 @@ def test_send_writes_last_event_and_last_seq_on_the_run_hash(
     event = progress(run_id="run-7", seq=42)
     bus.send(event)
     stored = redis_client.hgetall(run_key("run-7"))
-    assert stored[b"last_event"].decode() == encode_event(event)
+    assert stored[b"last_event"] == encode_event(event).encode()
     assert stored[b"last_seq"] == b"42"
     assert not redis_client.exists(run_key("run-1"))
 
@@ -118,10 +119,10 @@ def test_the_stream_is_trimmed_near_maxlen(redis_client: redis.Redis) -> None:
         assert bus.send(progress(seq=step, step=step))
     length = redis_client.xlen(EVENTS_STREAM)
     # Approximate trimming removes whole macro nodes (stream-node-max-entries, 100 by default).
-    node_entries = int(redis_client.config_get("stream-node-max-entries")["stream-node-max-entries"])
+    node_entries = int(str(redis_client.config_get("stream-node-max-entries")["stream-node-max-entries"]))
     assert maxlen <= length <= maxlen + node_entries
     assert length < sends
-    newest = redis_client.xrevrange(EVENTS_STREAM, count=1)[0][1][b"event"]
+    newest = stream_fields(redis_client, EVENTS_STREAM)[-1][b"event"]
     assert decode_event(newest) == progress(seq=sends, step=sends)
 
 

@@ -21,6 +21,7 @@ from schemas.events import (
 )
 from schemas.runs import RunRecord, RunStore, run_key
 from scripts.devstack import free_port
+from tests.streams import stream_fields
 from trainer_tasks.errors import RunCanceled, UserError
 from trainer_tasks.events import EventBus
 from trainer_tasks.reporting import RunReporter
@@ -77,7 +78,7 @@ def reporter_for(store: RunStore, bus: EventBus, clock: StepClock, last_seq: int
 
 def sent_events(client: redis.Redis) -> list[TrainEvent]:
     events: list[TrainEvent] = []
-    for _, fields in client.xrange(EVENTS_STREAM):
+    for fields in stream_fields(client, EVENTS_STREAM):
         event = decode_event(fields[b"event"])
         assert not isinstance(event, (str, type(None)))
         assert isinstance(event, (TrainStarted, TrainProgress, TrainCompleted, TrainFailed))

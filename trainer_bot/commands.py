@@ -266,7 +266,7 @@ def build_commands(commands: Commands, catalog: ModelCatalog) -> list[nextcord.S
 
 
 def _slash(
-    name: str, description: str, callback: Callable[..., Awaitable[None]]
+    name: str, description: str, callback: Callable[[nextcord.Interaction[nextcord.Client]], Awaitable[None]]
 ) -> nextcord.SlashApplicationCommand:
     command = nextcord.SlashApplicationCommand(name=name, description=description, callback=callback)
     # Reads the options from the callback's signature, as nextcord's decorators do.
