@@ -223,12 +223,17 @@ class Notifier:
         if isinstance(event, (TrainCompleted, TrainFailed)):
             await self._end_progress(event.run_id)
         dedup = sent_key(event.event_id or entry_id)
-        if not await self._redis.exists(dedup):
+        already_sent = await self._redis.exists(dedup)
+        if not already_sent:
             await self._sink.send(event.user_id, await self._render(event))
-            await self._redis.set(dedup, entry_id, ex=SENT_TTL_S)
+        # One round trip records the DM, the run's start time and the acknowledgement together.
+        pipe = self._redis.pipeline(transaction=False)
+        if not already_sent:
+            pipe.set(dedup, entry_id, ex=SENT_TTL_S)
         if isinstance(event, TrainStarted) and event.ts is not None:
-            await self._remember(event.run_id, {"started_ts": event.ts})
-        await self._ack(entry_id)
+            _remember(pipe, event.run_id, {"started_ts": event.ts})
+        _ack(pipe, entry_id)
+        await pipe.execute()
 
     async def _render(self, event: TrainStarted | TrainCompleted | TrainFailed) -> DirectMessage:
         if isinstance(event, TrainStarted):
@@ -295,17 +300,13 @@ class Notifier:
         await self._ack(entry_id)
 
     async def _remember(self, run_id: str, fields: dict[str, float | int]) -> None:
-        key = run_state_key(run_id)
         pipe = self._redis.pipeline(transaction=False)
-        for name, value in fields.items():
-            pipe.hset(key, name, value)
-        pipe.expire(key, RUN_STATE_TTL_S)
+        _remember(pipe, run_id, fields)
         await pipe.execute()
 
     async def _ack(self, entry_id: str) -> None:
         pipe = self._redis.pipeline(transaction=False)
-        pipe.xack(EVENTS_STREAM, GROUP, entry_id)
-        pipe.hdel(ATTEMPTS_KEY, entry_id)
+        _ack(pipe, entry_id)
         await pipe.execute()
 
     async def _count_failure(self, entry: StreamEntry, error: Exception) -> None:
@@ -328,6 +329,18 @@ class Notifier:
         )
         log.error("event %s parked in %s after repeated failures: %s", entry_id, PARKED_STREAM, reason)
         await self._ack(entry_id)
+
+
+def _remember(pipe: aioredis.client.Pipeline, run_id: str, fields: dict[str, float | int]) -> None:
+    key = run_state_key(run_id)
+    for name, value in fields.items():
+        pipe.hset(key, name, value)
+    pipe.expire(key, RUN_STATE_TTL_S)
+
+
+def _ack(pipe: aioredis.client.Pipeline, entry_id: str) -> None:
+    pipe.xack(EVENTS_STREAM, GROUP, entry_id)
+    pipe.hdel(ATTEMPTS_KEY, entry_id)
 
 
 def _decode(entry: StreamEntry) -> TrainEvent | NotAnEvent:
