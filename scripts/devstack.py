@@ -146,7 +146,8 @@ def start_web(env: Mapping[str, str], log_dir: Path) -> tuple[Service, str]:
     def healthy() -> bool:
         try:
             return requests.get(f"{url}/healthz", timeout=1).status_code == 200
-        except requests.ConnectionError:
+        except (requests.ConnectionError, requests.Timeout):
+            # A loaded machine (coverage, parallel work) can take over a second for gunicorn's first answer.
             return False
 
     wait_until(healthy, 30, "web", service)
