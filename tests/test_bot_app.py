@@ -9,6 +9,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -20,7 +21,7 @@ from tests.bot_support import PNG, USER, Publisher, serve_api
 from tests.conftest import DispatchRecorder
 from tests.fake_discord import fake_discord, field_values
 from trainer_bot import embeds
-from trainer_bot.app import connect_redis, loss_curve_reader, run_discord
+from trainer_bot.app import loss_curve_reader, run
 from trainer_bot.client import TrainerClient
 from trainer_bot.config import BotConfig, MissingSetting
 from trainer_bot.notifier import GROUP
@@ -120,8 +121,8 @@ def test_the_discord_mode_logs_in_delivers_dms_and_stops(
         async with fake_discord() as (fake, _):
             config = BotConfig(api_url=api_url, redis_url=redis_url, consumer_name="bot-9")
             stop = asyncio.Event()
-            api = TrainerClient(api_url)
-            task = asyncio.create_task(run_discord(config, "token", connect_redis(redis_url), api, stop))
+            config = replace(config, discord_token="token")
+            task = asyncio.create_task(run(config, stop))
             while not redis_client.exists("trainer:events:stream"):
                 await asyncio.sleep(0.01)
             Publisher(redis_client).started()

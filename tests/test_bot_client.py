@@ -101,6 +101,13 @@ class _Broken(http.server.BaseHTTPRequestHandler):
         "/runs": (200, "application/json", b"[1, 2]"),
         "/runs/html": (200, "text/html", b"<html>hello</html>"),
         "/runs/badgateway": (502, "text/html", b"<html>bad gateway</html>"),
+        "/runs/nocreated": (200, "application/json", b'{"run_id": "x", "status": "queued", "user_id": 1}'),
+        "/runs/badloss": (
+            200,
+            "application/json",
+            b'{"run_id": "x", "status": "queued", "user_id": 1, "created_at": 1.0, "loss": "low"}',
+        ),
+        "/runs/y/artifact": (200, "application/json", b'{"files": "none"}'),
         "/runs/halfenvelope": (409, "application/json", b'{"code": 7}'),
         "/runs/x/artifact": (
             200,
@@ -138,6 +145,19 @@ def broken() -> Iterator[TrainerClient]:
         (lambda c: c.run("html"), 200, "BAD_RESPONSE", "GET /runs/html answered something that is not JSON"),
         (lambda c: c.run("badgateway"), 502, "HTTP_502", "Bad Gateway"),
         (lambda c: c.run("halfenvelope"), 409, "HTTP_409", "Conflict"),
+        (lambda c: c.run("badloss"), 200, "BAD_RESPONSE", "GET /runs/{run_id}: field 'loss' is not a number"),
+        (
+            lambda c: c.artifact_files("y"),
+            200,
+            "BAD_RESPONSE",
+            "GET /runs/{run_id}/artifact: field 'files' is not a list",
+        ),
+        (
+            lambda c: c.run("nocreated"),
+            200,
+            "BAD_RESPONSE",
+            "GET /runs/{run_id}: field 'created_at' is missing",
+        ),
         (
             lambda c: c.artifact_files("x"),
             200,

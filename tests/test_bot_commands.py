@@ -15,6 +15,7 @@ import redis
 
 from schemas.runs import RunStore, run_key
 from schemas.settings import Settings
+from scripts.devstack import free_port
 from tests.bot_support import OTHER_USER, USER, FakeClock, serve_api
 from tests.conftest import DispatchRecorder
 from tests.fake_discord import FakeDiscord, fake_discord
@@ -136,9 +137,10 @@ def test_cancel_asks_the_api_for_own_runs_and_says_when_it_ended(
             redis_client.hset(
                 run_key(mine), mapping={"status": "canceled", "message": "canceled at your request"}
             )
-            assert (
-                await h.use("train_cancel", run_id=mine)
-                == f"Run `{mine}` has already ended; nothing to cancel."
+            ended = await h.use("train_cancel", run_id=mine)
+            assert ended.startswith(
+                f"The training service answered CONFLICT: run '{mine}' has already ended (canceled); "
+                "there is nothing to cancel (request_id `"
             )
             reply = await h.use("train_status", run_id=mine)
             assert "**canceled**" in reply
@@ -213,5 +215,19 @@ def test_train_model_checks_the_corpus_before_calling_the_api(api_url: str) -> N
             }
             reply = await h.use("train_model", corpus_file=gone)
             assert reply.startswith("Something went wrong on our side at ")
+
+    asyncio.run(scenario())
+
+
+def test_an_unreachable_api_is_a_friendly_message() -> None:
+    async def scenario() -> None:
+        with serve_api(Settings(), DispatchRecorder()) as url:
+            async with harness(url) as h:
+                h.api._base_url = f"http://127.0.0.1:{free_port()}"  # the API goes away after start-up
+                reply = await h.use("train_status", run_id="abc")
+                assert reply.startswith(
+                    "The training service is not answering right now; try again in a minute."
+                )
+                assert "(request_id `" in reply
 
     asyncio.run(scenario())

@@ -9,7 +9,7 @@ import nextcord
 import pytest
 import redis
 
-from schemas.events import EVENTS_STREAM
+from schemas.events import EVENTS_STREAM, TrainCompleted, TrainStarted
 from scripts.devstack import free_port
 from tests.bot_support import PNG, USER, FakeClock, Publisher
 from tests.fake_discord import (
@@ -21,7 +21,9 @@ from tests.fake_discord import (
     field_values,
     first_embed,
 )
+from trainer_bot import embeds
 from trainer_bot.app import connect_redis
+from trainer_bot.embeds import DirectMessage
 from trainer_bot.notifier import ATTEMPTS_KEY, GROUP, PARKED_STREAM, Notifier, NotifierSettings, sent_key
 from trainer_bot.sinks import ConsoleSink, DiscordSink
 
@@ -333,7 +335,8 @@ def test_entries_a_dead_consumer_left_are_claimed_even_trimmed_ones(
     redis_url: str, redis_client: redis.Redis
 ) -> None:
     run = Publisher(redis_client)
-    settings = NotifierSettings(consumer="bot-2", block_ms=1, recover_interval_s=0, claim_idle_s=0)
+    # One entry per read, so both the own-pending and the claim loops page.
+    settings = NotifierSettings(consumer="bot-2", block_ms=1, recover_interval_s=0, claim_idle_s=0, batch=1)
 
     async def scenario(fake: FakeDiscord, notifier: Notifier, clock: FakeClock) -> None:
         run.started()
@@ -395,3 +398,76 @@ def test_the_loop_resets_its_backoff_and_stops_when_asked(redis_url: str, redis_
 
 def _text(value: bytes | str) -> str:
     return value.decode() if isinstance(value, bytes) else value
+
+
+def test_other_forbidden_answers_are_retried_and_an_older_progress_is_dropped(
+    redis_url: str, redis_client: redis.Redis
+) -> None:
+    run = Publisher(redis_client)
+    settings = NotifierSettings(consumer="bot-1", block_ms=1, recover_interval_s=10)
+
+    async def scenario(fake: FakeDiscord, notifier: Notifier, clock: FakeClock) -> None:
+        fake.scripted.append(Scripted("POST", "/messages", 403, {"code": 50001, "message": "Missing Access"}))
+        run.progress(10)
+        await notifier.step()
+        assert pending(redis_client) == 1, "a 403 other than 50007 may pass: it stays pending"
+        clock.advance(5)
+        run.progress(20)
+        await notifier.step()
+        assert len(fake.messages) == 1
+        clock.advance(10)
+        await notifier.step()  # recovery re-reads the older progress: acknowledged, not written
+        assert len(fake.of("POST", "/messages")) == 2
+        assert fake.of("PATCH", "/messages/") == []
+        assert pending(redis_client) == 0
+
+    run_with(redis_url, scenario, settings)
+
+
+def test_a_stream_key_of_another_type_is_an_error_not_a_retry(
+    redis_url: str, redis_client: redis.Redis
+) -> None:
+    redis_client.set(EVENTS_STREAM, "not a stream")
+
+    async def main() -> None:
+        async with fake_discord() as (_, client):
+            with pytest.raises(redis.ResponseError, match="WRONGTYPE"):
+                await make_notifier(redis_url, client, FakeClock()).step()
+
+    asyncio.run(main())
+
+
+def test_the_console_shows_edits_and_attachments() -> None:
+    printed: list[str] = []
+    sink = ConsoleSink(printed.append)
+    run_id = "r1"
+    completed = TrainCompleted(
+        request_id=run_id, run_id=run_id, user_id=USER, loss=2.0, perplexity=7.39, artifact_path="/a"
+    )
+    bare = embeds.completed(completed, loss_curve=None, download_url=None)
+    assert field_values(dict(bare.embed.to_dict().items())) == {
+        "Validation loss": "2.0000",
+        "Perplexity": "7.39",
+    }
+    assert bare.attachment is None
+    started = TrainStarted(
+        request_id=run_id,
+        run_id=run_id,
+        user_id=USER,
+        model_family="gpt2",
+        model_size="tiny",
+        total_epochs=1,
+        queue="q",
+    )
+    assert field_values(dict(embeds.started(started).embed.to_dict().items())) == {
+        "Epochs": "1",
+        "Queue": "q",
+    }
+
+    async def main() -> None:
+        sent = await sink.send(USER, embeds.completed(completed, loss_curve=PNG, download_url=None))
+        await sink.edit(sent, DirectMessage(nextcord.Embed(title="Plain")))
+
+    asyncio.run(main())
+    assert printed[0].endswith(f"[attached loss_curve.png, {len(PNG)} bytes]")
+    assert printed[1] == f"--- DM to user {USER} (message 1, edited) ---\n# Plain"

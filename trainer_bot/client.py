@@ -88,7 +88,7 @@ class RunInfo:
     status: str
     user_id: int
     message: str
-    created_at: float | None
+    created_at: float
     loss: float | None
     perplexity: float | None
     error_kind: str | None
@@ -274,6 +274,12 @@ class _Json:
             raise _malformed(self._where, f"field {name!r} is not a number")
         return float(value)
 
+    def number(self, name: str) -> float:
+        value = self.optional_number(name)
+        if value is None:
+            raise _malformed(self._where, f"field {name!r} is missing")
+        return value
+
     def objects(self, name: str) -> list[_Json]:
         value = self._value(name)
         if not isinstance(value, list):
@@ -314,7 +320,7 @@ def _run(answer: _Json) -> RunInfo:
         status=answer.text("status"),
         user_id=answer.integer("user_id"),
         message=answer.optional_text("message") or "",
-        created_at=answer.optional_number("created_at"),
+        created_at=answer.number("created_at"),
         loss=answer.optional_number("loss"),
         perplexity=answer.optional_number("perplexity"),
         error_kind=answer.optional_text("error_kind"),

@@ -130,12 +130,8 @@ class Commands:
         run = await self._own_run(user_id, run_id)
         if run is None:
             return _not_yours(run_id)
-        try:
-            await asyncio.to_thread(self._api.cancel, run_id)
-        except ApiError as exc:
-            if exc.code != "CONFLICT":
-                raise
-            return f"Run `{run_id}` has already ended; nothing to cancel."
+        # A run that has already ended answers 409, whose message says so.
+        await asyncio.to_thread(self._api.cancel, run_id)
         return f"Cancellation requested for run `{run_id}`; it stops within a few seconds."
 
     async def runs(self, user_id: int) -> str:
@@ -160,9 +156,8 @@ def _not_yours(run_id: str) -> str:
 
 
 def describe(run: RunInfo) -> str:
-    line = f"`{run.run_id}`: **{run.status}**"
-    if run.created_at is not None:
-        line += f", started <t:{int(run.created_at)}:R>"
+    # <t:...:R> is Discord's relative time ("3 minutes ago") in the reader's own locale.
+    line = f"`{run.run_id}`: **{run.status}**, started <t:{int(run.created_at)}:R>"
     if run.loss is not None and run.perplexity is not None:
         line += f", loss {run.loss:.4f}, perplexity {run.perplexity:.2f}"
     if run.status in ("failed", "canceled") and run.message:
@@ -174,8 +169,6 @@ def api_error_text(error: ApiError) -> str:
     """A short message with the request_id that finds the details in the server log, never a traceback."""
     if error.code == "UNREACHABLE":
         summary = "The training service is not answering right now; try again in a minute."
-    elif error.code == "VALIDATION_ERROR" or error.status == 422:
-        summary = f"The training service refused the request: {error.message}"
     else:
         summary = f"The training service answered {error.code}: {error.message}"
     return f"{summary} (request_id `{error.request_id or 'none'}`)"

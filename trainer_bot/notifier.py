@@ -195,8 +195,6 @@ class Notifier:
     async def _attempt(self, entry: StreamEntry, event: TrainEvent | NotAnEvent) -> None:
         try:
             await self._dispatch(entry.entry_id, event)
-        except REDIS_DOWN:
-            raise
         except DmRefused as exc:
             log.warning("event %s not delivered, and not retried: %s", entry.entry_id, exc)
             await self._ack(entry.entry_id)
