@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 
-from marshmallow import EXCLUDE, Schema, ValidationError, fields, validate, validates_schema
+from marshmallow import EXCLUDE, Schema, ValidationError, fields, post_load, validate, validates_schema
 
 from schemas.jobs import JOB_STATUSES
 from schemas.models import DEFAULT_FAMILY, DEFAULT_SIZE
@@ -171,6 +171,37 @@ class RunStatusSchema(Schema):
     perplexity = fields.Float(allow_none=True)
     artifact_path = fields.String(allow_none=True)
     error_kind = fields.String(allow_none=True)
+
+
+class RunListQuerySchema(Schema):
+    """GET /runs: whose runs, and how many of the newest; unknown query fields are rejected."""
+
+    user_id = fields.Integer(
+        required=True,
+        validate=validate.Range(min=0),
+        metadata={"description": "Discord user id the runs belong to."},
+    )
+    limit = fields.Integer(load_default=20, validate=validate.Range(min=1, max=100))
+
+    @post_load
+    def to_query(self, data: dict[str, int], **_: object) -> RunListQuery:
+        return RunListQuery(user_id=data["user_id"], limit=data["limit"])
+
+
+@dataclass(frozen=True)
+class RunListQuery:
+    user_id: int
+    limit: int
+
+
+class RunListSchema(Schema):
+    runs = fields.List(
+        fields.Nested(RunStatusSchema), required=True, metadata={"description": "newest first"}
+    )
+
+
+class CancelAcceptedSchema(Schema):
+    status = fields.String(required=True, metadata={"description": '"cancellation-requested"'})
 
 
 class ErrorSchema(Schema):

@@ -161,6 +161,23 @@ class RunStore:
         )
         return bool(result == 1)
 
+    def list_for_user(self, user_id: int, limit: int) -> list[RunRecord]:
+        """The user's newest runs first; ids whose record has expired are dropped from the index."""
+        index = user_runs_key(user_id)
+        found: list[RunRecord] = []
+        expired: list[str] = []
+        for raw_id in self._redis.zrevrange(index, 0, limit - 1):
+            # Without withscores each item is a member, bytes or str by the client's decoding.
+            run_id = raw_id.decode() if isinstance(raw_id, bytes) else str(raw_id)
+            record = self.get(run_id)
+            if record is None:
+                expired.append(run_id)
+            else:
+                found.append(record)
+        if expired:
+            self._redis.zrem(index, *expired)
+        return found
+
     def release(self, run_id: str, holder: str) -> None:
         self._release(keys=[lease_key(run_id)], args=[holder])
 

@@ -21,6 +21,7 @@ from schemas.events import (
 )
 from schemas.runs import run_key
 from scripts.devstack import free_port
+from tests.streams import stream_fields
 from trainer_tasks.events import EventBus
 
 SNOWFLAKE = 123456789012345678
@@ -68,24 +69,8 @@ def next_message(pubsub: redis.client.PubSub, timeout_s: float = 5.0) -> bytes:
     raise AssertionError("no message on the events channel")
 
 
-def stream_fields(client: redis.Redis) -> list[dict[bytes, bytes]]:
-    entries = client.xrange(EVENTS_STREAM)
-    assert entries is not None
-    typed: list[dict[bytes, bytes]] = []
-    for _, fields in entries:
-        assert fields is not None
-        typed.append(
-            {
-                key: value
-                for key, value in fields.items()
-                if isinstance(key, bytes) and isinstance(value, bytes)
-            }
-        )
-    return typed
-
-
 def stream_payloads(client: redis.Redis) -> list[bytes]:
-    return [fields[b"event"] for fields in stream_fields(client)]
+    return [fields[b"event"] for fields in stream_fields(client, EVENTS_STREAM)]
 
 
 def test_send_publishes_the_encoded_event(
@@ -102,7 +87,7 @@ def test_send_appends_to_the_stream_with_field_event(bus: EventBus, redis_client
     first, second = progress(seq=1, step=1), progress(seq=2, step=2)
     assert bus.send(first)
     assert bus.send(second)
-    assert [set(fields) for fields in stream_fields(redis_client)] == [{b"event"}, {b"event"}]
+    assert [set(fields) for fields in stream_fields(redis_client, EVENTS_STREAM)] == [{b"event"}, {b"event"}]
     assert [decode_event(payload) for payload in stream_payloads(redis_client)] == [first, second]
 
 

@@ -10,7 +10,17 @@ import pytest
 HEAVY = ("torch", "lightning", "transformers")
 
 
-@pytest.mark.parametrize("module", ["trainer_api", "trainer_tasks.app", "trainer_tasks.tasks", "trainer_bot"])
+@pytest.mark.parametrize(
+    "module",
+    [
+        "trainer_api",
+        "trainer_tasks.app",
+        "trainer_tasks.tasks",
+        "trainer_bot",
+        "trainer_bot.__main__",
+        "trainer_bot.app",
+    ],
+)
 def test_importing_a_light_process_loads_no_training_library(module: str) -> None:
     probe = (
         f"import sys, {module}\n"

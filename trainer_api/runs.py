@@ -1,4 +1,4 @@
-"""Training runs: submit one, read its status."""
+"""Training runs: submit one, read its status, list a user's runs, cancel one."""
 
 from __future__ import annotations
 
@@ -8,8 +8,13 @@ from collections.abc import Mapping
 from dataclasses import asdict
 
 from flask_smorest import Blueprint, abort
+from marshmallow import RAISE
 
 from schemas.api import (
+    CancelAcceptedSchema,
+    RunListQuery,
+    RunListQuerySchema,
+    RunListSchema,
     RunStatusSchema,
     TrainAcceptedSchema,
     TrainRequest,
@@ -17,7 +22,7 @@ from schemas.api import (
 )
 from schemas.jobs import tokenizer_key
 from schemas.models import MODEL_FAMILIES, model_shape
-from schemas.runs import RunRecord
+from schemas.runs import TERMINAL_STATUSES, RunRecord
 from trainer_api.corpora import chosen_corpus
 from trainer_api.services import Services, services
 from trainer_tasks.app import TRAIN_TASK
@@ -66,6 +71,28 @@ def run_status(run_id: str) -> dict[str, object]:
         abort(404, message=f"no run {run_id!r}")
     assert record is not None
     return status_body(record)
+
+
+@blp.route("", methods=["GET"])
+# webargs ignores unknown query fields unless told otherwise; the contract answers them with 422.
+@blp.arguments(RunListQuerySchema, location="query", unknown=RAISE)
+@blp.response(200, RunListSchema)
+def list_runs(query: RunListQuery) -> dict[str, object]:
+    """A user's runs, newest first (at most `limit`, 20 by default, 100 at most)."""
+    records = services().store.list_for_user(query.user_id, query.limit)
+    return {"runs": [status_body(record) for record in records]}
+
+
+@blp.route("/<string:run_id>/cancel", methods=["POST"])
+@blp.response(202, CancelAcceptedSchema)
+def cancel_run(run_id: str) -> dict[str, str]:
+    """Ask a queued or running run to stop; the worker ends it `canceled` within a heartbeat or two."""
+    found = services().store.request_cancel(run_id)
+    if found is None:
+        abort(404, message=f"no run {run_id!r}")
+    if found in TERMINAL_STATUSES:
+        abort(409, message=f"run {run_id!r} has already ended ({found}); there is nothing to cancel")
+    return {"status": "cancellation-requested"}
 
 
 def status_body(record: RunRecord) -> dict[str, object]:
