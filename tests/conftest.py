@@ -15,6 +15,7 @@ from flask.testing import FlaskClient
 from schemas.settings import Settings
 from scripts import corpus, devstack
 from trainer_api import create_app
+from trainer_tasks import tasks
 from trainer_tasks.app import TRAIN_TASK
 
 
@@ -73,6 +74,19 @@ def redis_client(redis_url: str) -> Iterator[redis.Redis]:
     client.flushdb()
     yield client
     client.close()
+
+
+@pytest.fixture
+def worker_env(monkeypatch: pytest.MonkeyPatch, redis_url: str, tmp_path: Path) -> Iterator[Path]:
+    """The environment a worker process reads, with the per-process services rebuilt from it."""
+    monkeypatch.setenv("REDIS_URL", redis_url)
+    monkeypatch.setenv("APP__RUNS_ROOT", str(tmp_path / "env-runs"))
+    monkeypatch.setenv("APP__ARTIFACTS_ROOT", str(tmp_path / "env-artifacts"))
+    monkeypatch.setenv("APP__LEASE_S", "42")
+    monkeypatch.setenv("APP__EVENTS_STREAM_MAXLEN", "123")
+    tasks.worker_services.cache_clear()
+    yield tmp_path
+    tasks.worker_services.cache_clear()
 
 
 @pytest.fixture

@@ -6,6 +6,7 @@ import pytest
 import redis
 from redis.backoff import NoBackoff
 from redis.retry import Retry
+from redis.typing import EncodableT, FieldT
 
 from schemas.runs import (
     FINISHED_RUN_TTL_S,
@@ -86,7 +87,7 @@ def test_get_unknown_run_is_none(store: RunStore) -> None:
     ],
 )
 def test_get_of_a_fragment_without_run_id_or_status_is_none(
-    fragment: dict[str, str], store: RunStore, redis_client: redis.Redis
+    fragment: dict[FieldT, EncodableT], store: RunStore, redis_client: redis.Redis
 ) -> None:
     """What a late write leaves after a record was deleted is no run: the run is unknown."""
     redis_client.hset(run_key("run-1"), mapping=fragment)

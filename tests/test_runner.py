@@ -6,7 +6,7 @@ import dataclasses
 import os
 import socket
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -581,18 +581,6 @@ def test_load_training_answers_the_real_train() -> None:
 
 
 # trainer_tasks.tasks: the Celery wrappers
-
-
-@pytest.fixture
-def worker_env(monkeypatch: pytest.MonkeyPatch, redis_url: str, tmp_path: Path) -> Iterator[Path]:
-    monkeypatch.setenv("REDIS_URL", redis_url)
-    monkeypatch.setenv("APP__RUNS_ROOT", str(tmp_path / "env-runs"))
-    monkeypatch.setenv("APP__ARTIFACTS_ROOT", str(tmp_path / "env-artifacts"))
-    monkeypatch.setenv("APP__LEASE_S", "42")
-    monkeypatch.setenv("APP__EVENTS_STREAM_MAXLEN", "123")
-    tasks.worker_services.cache_clear()
-    yield tmp_path
-    tasks.worker_services.cache_clear()
 
 
 def test_worker_services_are_built_from_the_environment(worker_env: Path, redis_url: str) -> None:
