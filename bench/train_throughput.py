@@ -138,6 +138,7 @@ def running_stack(workdir: Path) -> Iterator[Stack]:
         "APP__CORPUS_ROOT": str(workdir / "corpora"),
         "APP__ARTIFACTS_ROOT": str(workdir / "artifacts"),
         "APP__RUNS_ROOT": str(workdir / "runs"),
+        "APP__LOGS_ROOT": str(workdir / "run-logs"),
     }
     worker_cwd = workdir / "worker-cwd"
     worker_cwd.mkdir(parents=True, exist_ok=True)

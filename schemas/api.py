@@ -351,3 +351,12 @@ class EvaluationStatusSchema(Schema):
     perplexity = fields.Float(required=True, allow_none=True)
     created_at = fields.Float(required=True)
     finished_at = fields.Float(required=True, allow_none=True)
+
+
+class LogQuerySchema(Schema):
+    tail = fields.Integer(
+        strict=False,
+        load_default=200,
+        validate=validate.Range(min=1, max=10_000),
+        metadata={"description": "How many of the last lines to send first."},
+    )

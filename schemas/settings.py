@@ -36,6 +36,10 @@ class Settings:
         """A run's artifact folder, the only one the API serves files from."""
         return self.artifacts_root / "models" / run_id
 
+    def run_log(self, run_id: str) -> Path:
+        """What the worker logged for a run, one JSON object a line (served by GET /runs/{id}/logs)."""
+        return self.logs_root / f"{run_id}.jsonl"
+
     def tokenizer_dir(self, tokenizer_id: str) -> Path:
         return self.artifacts_root / "tokenizers" / tokenizer_id
 

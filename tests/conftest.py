@@ -12,6 +12,7 @@ import redis
 from flask import Flask
 from flask.testing import FlaskClient
 
+from schemas.events import EVENTS_CHANNEL
 from schemas.settings import Settings
 from scripts import corpus, devstack
 from trainer_api import create_app
@@ -52,6 +53,7 @@ def stack(redis_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[
         "APP__CORPUS_ROOT": str(root / "corpora"),
         "APP__ARTIFACTS_ROOT": str(root / "artifacts"),
         "APP__RUNS_ROOT": str(root / "runs"),
+        "APP__LOGS_ROOT": str(root / "run-logs"),
         "APP__PROGRESS_INTERVAL_S": "0.2",
         "APP__HEARTBEAT_INTERVAL_S": "0.5",
         "WEB_CONCURRENCY": "1",
@@ -66,6 +68,17 @@ def stack(redis_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[
     yield Stack(api_url, stack_redis_url, root / "corpora", root / "artifacts", worker, worker_cwd, env)
     for service in (web, light, worker):
         service.stop()
+
+
+@pytest.fixture
+def subscriber(stack: Stack) -> Iterator[redis.client.PubSub]:
+    client = redis.Redis.from_url(stack.redis_url)
+    pubsub = client.pubsub()
+    pubsub.subscribe(EVENTS_CHANNEL)
+    pubsub.get_message(timeout=1.0)  # the subscribe confirmation
+    yield pubsub
+    pubsub.close()
+    client.close()
 
 
 @pytest.fixture

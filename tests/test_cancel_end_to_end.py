@@ -6,9 +6,8 @@ import redis
 import requests
 
 from schemas.events import TrainFailed, TrainProgress
-from tests.test_end_to_end import SNOWFLAKE, Stack, events_until_terminal, stack, submit, subscriber
-
-__all__ = ["stack", "subscriber"]  # fixtures this module shares with the main end-to-end test
+from tests.conftest import Stack
+from tests.test_end_to_end import SNOWFLAKE, events_until_terminal, submit
 
 
 def test_a_running_run_is_canceled_and_ends_canceled(stack: Stack, subscriber: redis.client.PubSub) -> None:

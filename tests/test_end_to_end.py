@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -12,7 +11,6 @@ import redis
 import requests
 
 from schemas.events import (
-    EVENTS_CHANNEL,
     EVENTS_STREAM,
     NotAnEvent,
     TrainCompleted,
@@ -61,17 +59,6 @@ def events_until_terminal(
     raise AssertionError(f"run {run_id} did not finish; events so far: {events}")
 
 
-@pytest.fixture
-def subscriber(stack: Stack) -> Iterator[redis.client.PubSub]:
-    client = redis.Redis.from_url(stack.redis_url)
-    pubsub = client.pubsub()
-    pubsub.subscribe(EVENTS_CHANNEL)
-    pubsub.get_message(timeout=1.0)  # the subscribe confirmation
-    yield pubsub
-    pubsub.close()
-    client.close()
-
-
 def test_a_run_streams_started_progress_completed_and_ends_completed(
     stack: Stack, subscriber: redis.client.PubSub
 ) -> None:
@@ -114,6 +101,14 @@ def test_a_run_streams_started_progress_completed_and_ends_completed(
     assert status["artifact_path"] == completed.artifact_path
     manifest = json.loads((Path(completed.artifact_path) / "manifest.json").read_text())
     assert manifest["run_id"] == run_id
+
+    # The run's log, as text and as a finished stream, shows its events.
+    run_log = requests.get(f"{stack.api_url}/runs/{run_id}/logs?tail=1000", timeout=10).text
+    assert f'"run_id":"{run_id}"' in run_log
+    assert "trainer.train.completed.v1" in run_log
+    stream_text = requests.get(f"{stack.api_url}/runs/{run_id}/logs/stream?tail=1000", timeout=30).text
+    assert stream_text.endswith("event: end\ndata: \n\n")
+    assert stream_text.count("data: ") - 1 == len(run_log.splitlines())
 
     # Lightning writes nothing into the worker's working directory and no progress bar into its log.
     assert list(stack.worker_cwd.iterdir()) == []

@@ -102,6 +102,7 @@ def context_for(
         reporter=reporter,
         run_dir=root / "runs" / run_id,
         artifact_dir=root / "artifacts" / "models" / run_id,
+        log_path=root / "logs" / f"{run_id}.jsonl",
         queue="training",
         progress_interval_s=0.0,
         cancel_requested=cancel_requested,

@@ -5,7 +5,7 @@ from __future__ import annotations
 from flask import Flask
 
 from schemas.settings import Settings
-from trainer_api import artifacts, context, corpora, evaluations, health, models, runs, tokenizers
+from trainer_api import artifacts, context, corpora, evaluations, health, logs, models, runs, tokenizers
 from trainer_api.errors import TrainerApi
 from trainer_api.services import EXTENSION, Dispatch, build, send_task
 
@@ -34,4 +34,5 @@ def create_app(settings: Settings | None = None, dispatch: Dispatch = send_task)
     api.register_blueprint(tokenizers.blp)
     api.register_blueprint(artifacts.blp)
     api.register_blueprint(evaluations.blp)
+    api.register_blueprint(logs.blp)
     return app

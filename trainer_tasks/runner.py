@@ -29,6 +29,7 @@ class RunContext:
     reporter: RunReporter
     run_dir: Path
     artifact_dir: Path
+    log_path: Path  # what the worker logs during the run, read by GET /runs/{run_id}/logs
     queue: str
     progress_interval_s: float
     cancel_requested: Callable[[], bool]
@@ -139,6 +140,7 @@ def _context(
         reporter=reporter,
         run_dir=worker.settings.run_dir(run_id),
         artifact_dir=worker.settings.model_dir(run_id),
+        log_path=worker.settings.run_log(run_id),
         queue=worker.queue,
         progress_interval_s=worker.settings.progress_interval_s,
         cancel_requested=heartbeat.cancel_requested.is_set,

@@ -51,7 +51,7 @@ warnings.filterwarnings("ignore", message=".*there is no last checkpoint availab
 def train(context: RunContext) -> None:
     """Train the run's model; the callback reports started, progress and how it ended."""
     context.run_dir.mkdir(parents=True, exist_ok=True)
-    with captured_logs(context.run_dir / "logs.jsonl"):
+    with captured_logs(context.log_path):
         _train(context, time.time())
 
 
@@ -236,5 +236,5 @@ def save_artifacts(
             "sample": sample,
         },
     )
-    shutil.copyfile(context.run_dir / "logs.jsonl", folder / "logs.jsonl")
+    shutil.copyfile(context.log_path, folder / "logs.jsonl")
     return CompletedDetails(artifact_path=str(folder.resolve()), params=params, sample=sample)
