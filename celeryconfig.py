@@ -45,5 +45,7 @@ task_routes = {
 }
 
 worker_hijack_root_logger = False
-# Bounds a warm shutdown's wait for a running training; its message then goes back to the queue.
-worker_soft_shutdown_timeout = 30.0
+# The Procfile's workers run with REMAP_SIGTERM=SIGQUIT, so a platform's SIGTERM starts a soft shutdown:
+# a running task gets this long, then its pool process is stopped (the run checkpoints and goes back to
+# the queue) instead of the worker waiting hours for the run to end.
+worker_soft_shutdown_timeout = float(os.environ.get("WORKER_SOFT_SHUTDOWN_TIMEOUT_S") or 30)

@@ -148,9 +148,11 @@ def procfile_command(name: str) -> str:
     raise KeyError(f"no {name!r} line in the Procfile")
 
 
-def start_procfile(name: str, env: Mapping[str, str], log_dir: Path, cwd: Path = REPO_ROOT) -> Service:
+def start_procfile(
+    line: str, env: Mapping[str, str], log_dir: Path, cwd: Path = REPO_ROOT, name: str | None = None
+) -> Service:
     """Run a Procfile line as a platform would: through the shell, so ${VAR:-default} expands."""
-    return start(name, ["sh", "-c", f"exec {procfile_command(name)}"], env, log_dir, cwd)
+    return start(name or line, ["sh", "-c", f"exec {procfile_command(line)}"], env, log_dir, cwd)
 
 
 def start_web(env: Mapping[str, str], log_dir: Path) -> tuple[Service, str]:
@@ -165,7 +167,7 @@ def start_worker(
     env: Mapping[str, str], log_dir: Path, name: str = "worker", cwd: Path = REPO_ROOT, line: str = "worker"
 ) -> Service:
     """A Procfile worker line (`worker` trains, `light_worker` runs tokenizer and evaluation tasks)."""
-    service = start_procfile(line, {**env, "WORKER_NAME": name}, log_dir, cwd=cwd)
+    service = start_procfile(line, {**env, "WORKER_NAME": name}, log_dir, cwd=cwd, name=name)
     # Celery logs "<hostname> ready." once it consumes from its queues.
     wait_ready(service, lambda: " ready." in service.log(), 90)
     return service

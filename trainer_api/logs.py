@@ -10,6 +10,7 @@ from pathlib import Path
 
 from flask import Response, current_app, stream_with_context
 from flask_smorest import Blueprint, abort
+from marshmallow import RAISE
 
 from schemas.api import LogQuerySchema
 from schemas.runs import RunStore
@@ -32,7 +33,7 @@ STREAM_RESPONSE = {
 
 
 @blp.route("/<string:run_id>/logs")
-@blp.arguments(LogQuerySchema, location="query")
+@blp.arguments(LogQuerySchema, location="query", unknown=RAISE)
 @blp.doc(responses=TEXT_RESPONSE)
 def run_log(query: dict[str, int], run_id: str) -> Response:
     """The last `tail` lines the worker logged for the run (empty before it starts)."""
@@ -42,7 +43,7 @@ def run_log(query: dict[str, int], run_id: str) -> Response:
 
 
 @blp.route("/<string:run_id>/logs/stream")
-@blp.arguments(LogQuerySchema, location="query")
+@blp.arguments(LogQuerySchema, location="query", unknown=RAISE)
 @blp.doc(responses=STREAM_RESPONSE)
 def stream_run_log(query: dict[str, int], run_id: str) -> Response:
     """The last `tail` lines, then each new one as it is written, until the run has finished."""

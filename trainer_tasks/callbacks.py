@@ -124,7 +124,8 @@ class EventCallback(L.Callback):
             self._metrics.validation(trainer.global_step, trainer.current_epoch + 1, val_loss)
 
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self._send_progress(trainer)
+        if math.isfinite(self._last_loss):  # nothing trained yet in this attempt (a resume at an epoch's end)
+            self._send_progress(trainer)
 
     @rank_zero_only
     def _send_progress(self, trainer: L.Trainer) -> None:
@@ -162,7 +163,9 @@ class EventCallback(L.Callback):
         if self._canceled:
             raise RunCanceled
         val_loss = scalar(trainer.callback_metrics.get("val_loss"))
-        if val_loss is None or not math.isfinite(val_loss):
+        if val_loss is None:
+            raise RuntimeError("training ended without a validation loss")
+        if not math.isfinite(val_loss):
             raise UserError(
                 f"the validation loss is {val_loss}: lower the learning rate ({self._learning_rate:g})"
             )

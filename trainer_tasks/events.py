@@ -28,7 +28,11 @@ class EventBus:
         self._remember = client.register_script(_REMEMBER_LAST_EVENT)
 
     def send(self, event: TrainEvent) -> bool:
-        payload = encode_event(event)
+        try:
+            payload = encode_event(event)
+        except ValueError as exc:  # a NaN or infinity has no JSON form
+            log.error("event %s for run %s not encodable: %s", event.type, event.run_id, exc)
+            return False
         pipe = self._redis.pipeline(transaction=False)
         pipe.publish(EVENTS_CHANNEL, payload)
         # Approximate trimming keeps XADD O(1); the stream holds about the newest `stream_maxlen` events.

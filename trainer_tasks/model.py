@@ -92,9 +92,8 @@ class LanguageModel(L.LightningModule):
         return loss
 
     def training_step(self, batch: torch.Tensor, batch_idx: int) -> torch.Tensor:
-        loss = self._loss(batch)
-        self.log("train_loss", loss, prog_bar=False)
-        return loss
+        # No self.log here: the event callback reads the step's loss from what this returns.
+        return self._loss(batch)
 
     def validation_step(self, batch: torch.Tensor, batch_idx: int) -> torch.Tensor:
         loss = self._loss(batch)

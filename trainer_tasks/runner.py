@@ -12,7 +12,7 @@ from schemas.api import TrainRequest
 from schemas.jobs import JobStore
 from schemas.runs import RunStore
 from schemas.settings import Settings
-from trainer_tasks.errors import LeaseLost
+from trainer_tasks.errors import LeaseLost, RunCanceled, UserError
 from trainer_tasks.events import EventBus
 from trainer_tasks.heartbeat import Heartbeat
 from trainer_tasks.reporting import RunReporter
@@ -120,8 +120,14 @@ def _train_claimed(
         worker.requeue(run_id, 0)
         return "requeued"
     except LeaseLost:
-        log.warning("run %s: lease lost; the executor that took the run over reports it", run_id)
+        # Another executor may have taken the run over, or nobody has (Redis was away for a while):
+        # a delivery after the lease time finds out, and resumes the run if nobody holds it.
+        log.warning("run %s: lease lost; checking again in %.0f s", run_id, worker.settings.lease_s)
+        worker.requeue(run_id, worker.settings.lease_s)
         return "lease-lost"
+    except (UserError, RunCanceled) as exc:
+        log.info("run %s ended early: %s", run_id, exc or type(exc).__name__)
+        reporter.failed_with(exc)
     except Exception as exc:
         log.exception("run %s failed", run_id)
         reporter.failed_with(exc)

@@ -47,7 +47,8 @@ def train(run_id: str) -> str:
     return execute_run(run_id, worker_services())
 
 
-@celery_app.task(name=TOKENIZER_TASK)
+# A tokenizer or evaluation that kills its process (memory) would do it again: no redelivery for them.
+@celery_app.task(name=TOKENIZER_TASK, reject_on_worker_lost=False)
 def train_tokenizer(tokenizer_id: str) -> str:
     """Train a BPE tokenizer on a corpus and measure it on the corpus's held-out tail."""
     folder = worker_services().settings.tokenizer_dir(tokenizer_id)
@@ -58,7 +59,7 @@ def train_tokenizer(tokenizer_id: str) -> str:
     )
 
 
-@celery_app.task(name=EVALUATE_TASK)
+@celery_app.task(name=EVALUATE_TASK, reject_on_worker_lost=False)
 def evaluate(run_id: str, split: str) -> str:
     """Evaluate a finished run's model on its validation or test split."""
     settings = worker_services().settings
@@ -66,6 +67,8 @@ def evaluate(run_id: str, split: str) -> str:
     def work(request: dict[str, object]) -> dict[str, object]:
         from trainer_tasks.evaluation import evaluate as evaluate_split  # torch loads only when needed
 
-        return evaluate_split(settings.model_dir(run_id), settings.run_dir(run_id) / "splits", split)
+        # The record says which evaluation is current: a stale redelivery must not write another split.
+        recorded = request.get("split", split)
+        return evaluate_split(settings.model_dir(run_id), settings.run_dir(run_id) / "splits", str(recorded))
 
     return run_job(worker_services().jobs, evaluation_key(run_id), work)
