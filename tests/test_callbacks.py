@@ -510,3 +510,12 @@ def test_scalar_keeps_nan() -> None:
     result = scalar(torch.tensor(math.nan))
     assert result is not None
     assert math.isnan(result)
+
+
+def test_an_epoch_end_before_any_step_sends_no_progress(
+    tmp_path: Path, reporter: RunReporter, saved: SavedArtifacts, redis_client: redis.Redis
+) -> None:
+    # A run resumed from a checkpoint taken at an epoch's end reaches that hook with no loss yet.
+    events_callback = callback(reporter, saved)
+    events_callback.on_train_epoch_end(trainer(tmp_path, events_callback), TinyModule())
+    assert sent_events(redis_client) == []

@@ -166,3 +166,18 @@ def test_unreachable_redis_answers_false_and_logs(caplog: pytest.LogCaptureFixtu
         "trainer.train.progress.v1" in record.getMessage() and "run-9" in record.getMessage()
         for record in caplog.records
     )
+
+
+def test_an_event_with_no_json_form_is_not_sent_and_training_goes_on(
+    bus: EventBus, redis_client: redis.Redis, caplog: pytest.LogCaptureFixture
+) -> None:
+    with caplog.at_level(logging.ERROR, logger="trainer_tasks.events"):
+        assert bus.send(progress_with_loss(float("nan"))) is False
+    assert stream_payloads(redis_client) == []
+    assert any("not encodable" in record.message for record in caplog.records)
+
+
+def progress_with_loss(loss: float) -> TrainProgress:
+    return TrainProgress(
+        request_id="run-1", run_id="run-1", user_id=7, epoch=1, total_epochs=1, step=1, loss=loss
+    )

@@ -64,6 +64,10 @@ def test_an_unknown_run_and_a_bad_tail_are_errors(client: FlaskClient, redis_cli
     assert missing.json is not None
     assert missing.json["code"] == "NOT_FOUND"
     assert client.get("/runs/ghost/logs/stream").status_code == 404
+    unknown = client.get("/runs/run-1/logs?lines=5")
+    assert unknown.status_code == 422
+    assert unknown.json is not None
+    assert set(unknown.json["errors"]) == {"lines"}
     bad = client.get("/runs/run-1/logs?tail=0")
     assert bad.status_code == 422
     assert bad.json is not None
