@@ -50,12 +50,15 @@ ARTIFACT_PATH = "/var/artifacts/models/run-1"
 class TinyModule(L.LightningModule):
     """A linear regression: a Lightning fit in milliseconds; optionally logs val_loss or diverges."""
 
-    def __init__(self, *, validate: bool = True, nan_from_step: int | None = None) -> None:
+    def __init__(
+        self, *, validate: bool = True, nan_from_step: int | None = None, nan_validation: bool = False
+    ) -> None:
         super().__init__()
         torch.manual_seed(0)
         self.layer = torch.nn.Linear(4, 1)
         self.validate = validate
         self.nan_from_step = nan_from_step
+        self.nan_validation = nan_validation
 
     def _loss(self, batch: list[torch.Tensor]) -> torch.Tensor:
         features, targets = batch
@@ -69,7 +72,8 @@ class TinyModule(L.LightningModule):
 
     def validation_step(self, batch: list[torch.Tensor], batch_idx: int) -> None:
         if self.validate:
-            self.log("val_loss", self._loss(batch), on_epoch=True)
+            loss = self._loss(batch)
+            self.log("val_loss", loss * math.nan if self.nan_validation else loss, on_epoch=True)
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
         return torch.optim.SGD(self.parameters(), lr=LEARNING_RATE)
@@ -519,3 +523,16 @@ def test_an_epoch_end_before_any_step_sends_no_progress(
     events_callback = callback(reporter, saved)
     events_callback.on_train_epoch_end(trainer(tmp_path, events_callback), TinyModule())
     assert sent_events(redis_client) == []
+
+
+def test_a_validation_loss_that_is_not_finite_fails_the_run_as_the_users(
+    tmp_path: Path, reporter: RunReporter, saved: SavedArtifacts, store: RunStore, redis_client: redis.Redis
+) -> None:
+    with pytest.raises(UserError, match="validation loss is nan"):
+        fit(trainer(tmp_path, callback(reporter, saved), epochs=1), TinyModule(nan_validation=True))
+    failed = sent_events(redis_client)[-1]
+    assert isinstance(failed, TrainFailed)
+    assert (failed.error_kind, failed.status) == ("user", "failed")
+    assert "lower the learning rate" in failed.message
+    assert record_of(store).status == "failed"
+    assert saved.modules == []
