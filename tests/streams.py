@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import redis
 
+from schemas.events import EVENTS_STREAM, NotAnEvent, TrainEvent, decode_event
+
 
 def stream_fields(client: redis.Redis, stream: str) -> list[dict[bytes, bytes]]:
     """Each entry's fields, oldest first, from a client that does not decode responses."""
@@ -12,6 +14,16 @@ def stream_fields(client: redis.Redis, stream: str) -> list[dict[bytes, bytes]]:
         assert fields is not None
         found.append({_bytes(key): _bytes(value) for key, value in fields.items()})
     return found
+
+
+def sent_events(client: redis.Redis) -> list[TrainEvent]:
+    """Every event on the durable stream, oldest first; each must pass the strict decoder."""
+    events: list[TrainEvent] = []
+    for fields in stream_fields(client, EVENTS_STREAM):
+        event = decode_event(fields[b"event"])
+        assert not isinstance(event, NotAnEvent), event.reason
+        events.append(event)
+    return events
 
 
 def _bytes(value: object) -> bytes:

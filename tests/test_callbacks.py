@@ -14,16 +14,13 @@ from torch.nn import functional
 from torch.utils.data import DataLoader, TensorDataset
 
 from schemas.events import (
-    EVENTS_STREAM,
-    NotAnEvent,
     TrainCompleted,
-    TrainEvent,
     TrainFailed,
     TrainProgress,
     TrainStarted,
-    decode_event,
 )
 from schemas.runs import RunRecord, RunStore
+from tests.streams import sent_events
 from trainer_tasks.artifacts import MetricsLog
 from trainer_tasks.callbacks import (
     CompletedDetails,
@@ -198,18 +195,6 @@ def callback(
         lease_lost=lease_lost,
         clock=clock,
     )
-
-
-def sent_events(client: redis.Redis) -> list[TrainEvent]:
-    events: list[TrainEvent] = []
-    entries = client.xrange(EVENTS_STREAM)
-    assert entries is not None
-    for _, fields in entries:
-        assert fields is not None
-        event = decode_event(fields[b"event"])
-        assert not isinstance(event, NotAnEvent)
-        events.append(event)
-    return events
 
 
 def progress_events(client: redis.Redis) -> list[TrainProgress]:

@@ -12,17 +12,15 @@ from redis.backoff import NoBackoff
 from redis.retry import Retry
 
 from schemas.events import (
-    EVENTS_STREAM,
-    NotAnEvent,
     TrainCompleted,
     TrainEvent,
     TrainFailed,
     TrainProgress,
     TrainStarted,
-    decode_event,
 )
 from schemas.runs import RunRecord, RunStatus, RunStore, run_key
 from scripts.devstack import free_port
+from tests.streams import sent_events
 from trainer_tasks.errors import RunCanceled, UserError
 from trainer_tasks.events import EventBus
 from trainer_tasks.reporting import RunReporter
@@ -75,18 +73,6 @@ def clock() -> StepClock:
 
 def reporter_for(store: RunStore, bus: EventBus, clock: StepClock, last_seq: int = 0) -> RunReporter:
     return RunReporter(run_id=RUN_ID, user_id=USER_ID, store=store, bus=bus, last_seq=last_seq, clock=clock)
-
-
-def sent_events(client: redis.Redis) -> list[TrainEvent]:
-    events: list[TrainEvent] = []
-    entries = client.xrange(EVENTS_STREAM)
-    assert entries is not None
-    for _, fields in entries:
-        assert fields is not None
-        event = decode_event(fields[b"event"])
-        assert not isinstance(event, NotAnEvent)
-        events.append(event)
-    return events
 
 
 def record_of(store: RunStore) -> RunRecord:

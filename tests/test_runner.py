@@ -13,10 +13,11 @@ import pytest
 import redis
 
 from schemas.api import TrainRequest
-from schemas.events import EVENTS_STREAM, NotAnEvent, TrainCompleted, TrainEvent, TrainFailed, decode_event
+from schemas.events import TrainCompleted, TrainFailed
 from schemas.jobs import JobStore
 from schemas.runs import RedisValue, RunRecord, RunStatus, RunStore, lease_key, run_key
 from schemas.settings import Settings
+from tests.streams import sent_events
 from trainer_tasks import tasks
 from trainer_tasks.app import TRAIN_TASK, app, celery_app
 from trainer_tasks.errors import LeaseLost, RunCanceled, UserError
@@ -114,18 +115,6 @@ def record_of(store: RunStore) -> RunRecord:
     record = store.get(RUN_ID)
     assert record is not None
     return record
-
-
-def sent_events(client: redis.Redis) -> list[TrainEvent]:
-    events: list[TrainEvent] = []
-    entries = client.xrange(EVENTS_STREAM)
-    assert entries is not None
-    for _, fields in entries:
-        assert fields is not None
-        event = decode_event(fields[b"event"])
-        assert not isinstance(event, NotAnEvent)
-        events.append(event)
-    return events
 
 
 def completes(context: RunContext) -> None:
