@@ -93,6 +93,14 @@ if status == 'queued' or status == 'running' then redis.call('HSET', KEYS[1], 'c
 return status
 """
 
+# A graceful hand-back: queued again, and the attempt not counted against the run. KEYS[1] run hash.
+_HAND_BACK = """
+if redis.call('HGET', KEYS[1], 'status') ~= 'running' then return 0 end
+redis.call('HSET', KEYS[1], 'status', 'queued', 'message', ARGV[1])
+redis.call('HINCRBY', KEYS[1], 'attempt', -1)
+return 1
+"""
+
 _RELEASE = """
 if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
 return 0
@@ -108,6 +116,7 @@ class RunStore:
         self._renew = client.register_script(_RENEW)
         self._release = client.register_script(_RELEASE)
         self._request_cancel = client.register_script(_REQUEST_CANCEL)
+        self._hand_back = client.register_script(_HAND_BACK)
 
     def create(
         self, *, run_id: str, job_id: str, user_id: int, request: dict[str, object], now: float
@@ -153,6 +162,10 @@ class RunStore:
             return False
         self._redis.hincrby(run_key(run_id), "attempt", 1)
         return True
+
+    def hand_back(self, run_id: str, message: str) -> bool:
+        """Queue a running run again after a graceful shutdown; that attempt does not count."""
+        return bool(self._hand_back(keys=[run_key(run_id)], args=[message]) == 1)
 
     def renew(self, run_id: str, holder: str, lease_s: float, now: float) -> bool:
         """Extend the lease and write the heartbeat; False when the lease was lost."""

@@ -368,3 +368,16 @@ def test_request_cancel_flags_active_runs_only(store: RunStore, redis_client: re
     assert not store.cancel_requested("done-run")
     assert store.request_cancel("ghost") is None
     assert redis_client.exists(run_key("ghost")) == 0
+
+
+def test_hand_back_requeues_a_running_run_without_counting_the_attempt(store: RunStore) -> None:
+    _create(store)
+    assert not store.hand_back("run-1", "back"), "a queued run is not handed back"
+    assert store.claim("run-1", "w", 60, NOW)
+    assert store.hand_back("run-1", "requeued after a worker shutdown")
+    record = _get(store)
+    assert (record.status, record.message, record.attempt) == (
+        "queued",
+        "requeued after a worker shutdown",
+        0,
+    )

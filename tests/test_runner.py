@@ -512,13 +512,14 @@ def test_a_shutdown_hands_the_run_back_to_the_queue(
     assert record.status == "queued"
     assert record.message == "requeued after a worker shutdown"
     assert record.finished_at is None
+    assert record.attempt == 0, "a graceful hand-back does not count as an attempt"
     assert requeued.calls == [(RUN_ID, 0)]
     assert not redis_client.exists(lease_key(RUN_ID))
     assert sent_events(redis_client) == []
     # The requeued delivery can claim the run again.
     again = FakeTraining(completes)
     assert execute_run(RUN_ID, make_worker(worker_settings, redis_client, requeued, again)) == "completed"
-    assert record_of(store).attempt == 2
+    assert record_of(store).attempt == 1
 
 
 def test_a_train_that_reports_nothing_fails_as_ours(

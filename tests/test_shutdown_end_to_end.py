@@ -9,12 +9,15 @@ from collections.abc import Callable
 from pathlib import Path
 
 import redis
+import torch
 from celery import Celery
 
 from schemas.api import TrainRequest
+from schemas.events import TrainProgress
 from schemas.runs import RunRecord, RunStore
 from scripts import corpus, devstack
 from tests.conftest import Stack
+from tests.streams import sent_events
 from trainer_tasks.app import TRAIN_TASK
 
 
@@ -67,21 +70,36 @@ def test_sigterm_to_the_worker_requeues_the_run_and_the_next_worker_resumes_it(
     store.create(run_id="long-run", job_id="job", user_id=7, request=request.to_mapping(), now=time.time())
     first = devstack.start_worker(env, tmp_path / "logs", name="first")
     Celery(broker=url).send_task(TRAIN_TASK, args=["long-run"], queue="training")
-    interrupted_at = step(wait_for(store, "long-run", lambda record: step(record) >= 10))
+    wait_for(store, "long-run", lambda record: step(record) >= 40)
 
     os.kill(first.process.pid, signal.SIGTERM)  # the Celery master only, as a platform stops a process
     assert first.process.wait(60) == 0
     requeued = store.get("long-run")
     assert requeued is not None
-    assert (requeued.status, requeued.message) == ("queued", "requeued after a worker shutdown")
-    assert (tmp_path / "runs" / "long-run" / "checkpoints" / "last.ckpt").is_file()
+    assert (requeued.status, requeued.message, requeued.attempt) == (
+        "queued",
+        "requeued after a worker shutdown",
+        0,
+    )
+    checkpoint: object = torch.load(
+        tmp_path / "runs" / "long-run" / "checkpoints" / "last.ckpt", weights_only=False
+    )
+    assert isinstance(checkpoint, dict)
+    saved_step = checkpoint["global_step"]
+    assert saved_step >= 40
 
     second = devstack.start_worker(env, tmp_path / "logs", name="second")
     try:
-        resumed = wait_for(store, "long-run", lambda record: record.attempt == 2 and step(record) > 0)
-        # Resumed from the checkpoint, not from the first step.
-        assert step(resumed) > interrupted_at
-        assert resumed.status == "running"
+        resumed = wait_for(store, "long-run", lambda record: record.last_seq > requeued.last_seq + 1)
+        assert resumed.attempt == 1
+        # Resumed from the checkpoint: the first progress of the new attempt is past the saved step
+        # (training from scratch would report a handful of steps at the first 0.2 s progress).
+        new_progress = [
+            event
+            for event in sent_events(client)
+            if isinstance(event, TrainProgress) and (event.seq or 0) > requeued.last_seq
+        ]
+        assert new_progress[0].step > saved_step
         assert store.request_cancel("long-run") == "running"
         ended = wait_for(store, "long-run", lambda record: record.is_terminal)
         assert ended.status == "canceled"

@@ -114,9 +114,7 @@ def _train_claimed(
     except SystemExit:
         # A shutdown (Lightning turns SIGTERM into SystemExit): hand the run back, it resumes elsewhere.
         log.warning("run %s: worker shutting down; the run goes back to the queue", run_id)
-        worker.store.transition(
-            run_id, ("running",), "queued", {"message": "requeued after a worker shutdown"}
-        )
+        worker.store.hand_back(run_id, "requeued after a worker shutdown")
         worker.requeue(run_id, 0)
         return "requeued"
     except LeaseLost:
