@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import redis
 
-from schemas.records import decoded
+from schemas.records import decoded, text
 
 # Kept until deleted through the API.
 CORPUS_INDEX = "trainer:corpora"
@@ -63,10 +63,7 @@ class CorpusStore:
     def list(self) -> list[CorpusRecord]:
         """Newest first."""
         ids = self._redis.zrevrange(CORPUS_INDEX, 0, -1)
-        found = (
-            self.get(corpus_id.decode() if isinstance(corpus_id, bytes) else str(corpus_id))
-            for corpus_id in ids
-        )
+        found = (self.get(text(corpus_id)) for corpus_id in ids)
         return [record for record in found if record is not None]
 
     def delete(self, corpus_id: str) -> bool:

@@ -5,8 +5,9 @@ from __future__ import annotations
 import json
 
 
-def text(value: bytes | str) -> str:
-    return value.decode() if isinstance(value, bytes) else value
+def text(value: object) -> str:
+    """A Redis reply as str: bytes from a raw client, str from a decoding one."""
+    return value.decode() if isinstance(value, bytes) else str(value)
 
 
 def decoded(raw: dict[bytes | str, bytes | str]) -> dict[str, str]:

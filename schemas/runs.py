@@ -181,7 +181,7 @@ class RunStore:
         expired: list[str] = []
         for raw_id in self._redis.zrevrange(index, 0, limit - 1):
             # Without withscores each item is a member, bytes or str by the client's decoding.
-            run_id = raw_id.decode() if isinstance(raw_id, bytes) else str(raw_id)
+            run_id = text(raw_id)
             record = self.get(run_id)
             if record is None:
                 expired.append(run_id)

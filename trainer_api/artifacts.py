@@ -8,7 +8,7 @@ from flask import Response, send_from_directory
 from flask_smorest import Blueprint, abort
 
 from schemas.api import ArtifactListSchema, ErrorSchema
-from trainer_api.services import services
+from trainer_api.services import run_or_404, services
 
 blp = Blueprint("artifacts", __name__, url_prefix="/runs", description="Trained models' files")
 
@@ -51,8 +51,7 @@ def download_artifact(run_id: str, name: str) -> Response:
 def artifact_folder(run_id: str) -> Path:
     """The run's model folder, absolute; 404 for an unknown run or one that has not written it yet."""
     found = services()
-    if found.store.get(run_id) is None:
-        abort(404, message=f"no run {run_id!r}")
+    run_or_404(run_id)
     folder = found.settings.model_dir(run_id).absolute()
     if not folder.is_dir():
         abort(404, message=f"run {run_id!r} has no artifacts yet; they appear when training completes")

@@ -17,7 +17,7 @@ from schemas.api import (
 from schemas.jobs import evaluation_key
 from schemas.runs import RunRecord
 from trainer_api.results import number_or_none, text_or_none
-from trainer_api.services import dispatch_job, services
+from trainer_api.services import dispatch_job, run_or_404, services
 from trainer_tasks.app import EVALUATE_TASK
 
 blp = Blueprint("evaluations", __name__, url_prefix="/runs", description="Evaluating trained runs")
@@ -73,14 +73,6 @@ def evaluation_status(run_id: str) -> dict[str, object]:
         "created_at": record.created_at,
         "finished_at": record.finished_at,
     }
-
-
-def run_or_404(run_id: str) -> RunRecord:
-    record = services().store.get(run_id)
-    if record is None:
-        abort(404, message=f"no run {run_id!r}")
-    assert record is not None
-    return record
 
 
 def has_test_split(run: RunRecord) -> bool:

@@ -9,12 +9,12 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from flask import Response, current_app, stream_with_context
-from flask_smorest import Blueprint, abort
+from flask_smorest import Blueprint
 from marshmallow import RAISE
 
 from schemas.api import LogQuerySchema
 from schemas.runs import RunStore
-from trainer_api.services import services
+from trainer_api.services import run_or_404, services
 
 blp = Blueprint("logs", __name__, url_prefix="/runs", description="Run logs")
 
@@ -61,8 +61,7 @@ def stream_run_log(query: dict[str, int], run_id: str) -> Response:
 
 def log_path(run_id: str) -> Path:
     found = services()
-    if found.store.get(run_id) is None:
-        abort(404, message=f"no run {run_id!r}")
+    run_or_404(run_id)
     return found.settings.run_log(run_id)
 
 

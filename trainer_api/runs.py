@@ -24,7 +24,7 @@ from schemas.jobs import tokenizer_key
 from schemas.models import MODEL_FAMILIES, model_shape
 from schemas.runs import TERMINAL_STATUSES, RunRecord
 from trainer_api.corpora import chosen_corpus
-from trainer_api.services import Services, services
+from trainer_api.services import Services, run_or_404, services
 from trainer_tasks.app import TRAIN_TASK
 
 blp = Blueprint("runs", __name__, url_prefix="/runs", description="Training runs")
@@ -66,11 +66,7 @@ def submit_training(body: Mapping[str, object]) -> dict[str, str]:
 @blp.response(200, RunStatusSchema)
 def run_status(run_id: str) -> dict[str, object]:
     """The run's status from its record; `last_heartbeat_ts` is null until a worker starts it."""
-    record = services().store.get(run_id)
-    if record is None:
-        abort(404, message=f"no run {run_id!r}")
-    assert record is not None
-    return status_body(record)
+    return status_body(run_or_404(run_id))
 
 
 @blp.route("", methods=["GET"])

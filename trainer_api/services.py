@@ -8,10 +8,11 @@ from dataclasses import dataclass
 
 import redis
 from flask import current_app
+from flask_smorest import abort
 
 from schemas.corpora import CorpusStore
 from schemas.jobs import JobStore
-from schemas.runs import RunStore
+from schemas.runs import RunRecord, RunStore
 from schemas.settings import Settings
 from trainer_tasks.app import celery_app
 
@@ -56,6 +57,15 @@ def dispatch_job(found: Services, key: str, task: str, args: list[str], job_id: 
     except Exception:
         found.jobs.fail(key, "could not queue the job; nothing was done", time.time())
         raise
+
+
+def run_or_404(run_id: str) -> RunRecord:
+    """The run's record; a 404 in the error envelope for an unknown run."""
+    record = services().store.get(run_id)
+    if record is None:
+        abort(404, message=f"no run {run_id!r}")
+    assert record is not None  # abort raises; flask-smorest's untyped abort hides that from mypy
+    return record
 
 
 def services() -> Services:

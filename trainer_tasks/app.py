@@ -8,4 +8,4 @@ EVALUATE_TASK = "trainer.evaluate"
 
 celery_app = Celery("trainer", include=["trainer_tasks.tasks"])
 celery_app.config_from_object("celeryconfig")
-app = celery_app
+app = celery_app  # the name `celery --app trainer_tasks.app` looks up
