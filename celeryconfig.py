@@ -2,7 +2,9 @@
 
 import os
 
-from schemas.settings import DEFAULT_REDIS_URL
+from schemas.queues import LIGHT_QUEUE, NEW_TASK_PRIORITY, PRIORITY_STEPS, TRAINING_QUEUE
+from trainer_store.settings import DEFAULT_REDIS_URL
+from trainer_tasks.app import CANCEL_QUEUED_TASK, EVALUATE_TASK, TOKENIZER_TASK, TRAIN_TASK
 
 broker_url = os.environ.get("REDIS_URL") or DEFAULT_REDIS_URL
 result_backend = broker_url
@@ -14,18 +16,29 @@ accept_content = ["json"]
 result_accept_content = ["json"]
 
 # Long tasks: acknowledge after the run, and send a run back to the queue when its pool process dies.
-# The run record's lease keeps a second delivery from training it twice, and its attempt count ends
-# a run that keeps killing its worker instead of looping forever.
+# The run record's lease keeps a second delivery from training it twice (it finds the lease and does
+# nothing); the workers' periodic check sends a run whose lease expired back to its queue, and the
+# attempt count ends a run that keeps killing its worker instead of looping forever.
 task_acks_late = True
 task_reject_on_worker_lost = True
 worker_prefetch_multiplier = 1
 worker_concurrency = 1
 
 # Redis redelivers unacknowledged messages after this long; runs may take hours, and a second
-# delivery finds the lease and returns, so this bounds only how late a lost run comes back.
-VISIBILITY_TIMEOUT_S = 12 * 3600
+# delivery finds the lease (or the run ended) and returns. Runs whose worker died are found by the
+# periodic check within 1.5 leases, not by this. A test sets it short to cause a redelivery.
+VISIBILITY_TIMEOUT_S = float(os.environ.get("CELERY_VISIBILITY_TIMEOUT_S") or 12 * 3600)
 visibility_timeout = VISIBILITY_TIMEOUT_S
-broker_transport_options = {"visibility_timeout": VISIBILITY_TIMEOUT_S}
+# One Redis list per priority step: resumed runs go ahead of new ones (schemas.queues).
+task_default_priority = NEW_TASK_PRIORITY
+broker_transport_options = {
+    "visibility_timeout": VISIBILITY_TIMEOUT_S,
+    "priority_steps": list(PRIORITY_STEPS),
+    # Each worker looks for messages past the visibility timeout this often (a scan of one sorted set),
+    # every time rather than kombu's every tenth, so a short test timeout redelivers within seconds.
+    "unacked_restore_interval": min(10.0, VISIBILITY_TIMEOUT_S / 3),
+    "unacked_restore_throttle": 1,
+}
 result_backend_transport_options = {"visibility_timeout": VISIBILITY_TIMEOUT_S}
 
 # Flower reads task events.
@@ -35,14 +48,18 @@ task_track_started = True
 
 # Tokenizer training and evaluation take seconds to minutes: their own queue and worker, so they
 # never wait hours behind a training run.
-TRAINING_QUEUE = "training"
-LIGHT_QUEUE = "light"
 task_default_queue = TRAINING_QUEUE
 task_routes = {
-    "trainer.train": {"queue": TRAINING_QUEUE},
-    "trainer.tokenizer.train": {"queue": LIGHT_QUEUE},
-    "trainer.evaluate": {"queue": LIGHT_QUEUE},
+    TRAIN_TASK: {"queue": TRAINING_QUEUE},
+    TOKENIZER_TASK: {"queue": LIGHT_QUEUE},
+    EVALUATE_TASK: {"queue": LIGHT_QUEUE},
+    CANCEL_QUEUED_TASK: {"queue": LIGHT_QUEUE},
 }
+
+# A worker that loses its broker connection keeps training: the run's lease (renewed in Redis by its
+# heartbeat) is what says who trains it, and the message is acknowledged after the run. Cancelling the
+# task on a connection blip would throw away training that the lease still protects.
+worker_cancel_long_running_tasks_on_connection_loss = False
 
 worker_hijack_root_logger = False
 # The Procfile's workers run with REMAP_SIGTERM=SIGQUIT, so a platform's SIGTERM starts a soft shutdown:

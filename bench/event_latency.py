@@ -19,7 +19,7 @@ import redis
 from schemas.events import EVENTS_CHANNEL, TrainStarted
 from scripts import devstack
 from trainer_bot.app import connect_redis
-from trainer_bot.embeds import DirectMessage
+from trainer_bot.embeds import Button, DirectMessage
 from trainer_bot.notifier import Notifier, NotifierSettings
 from trainer_bot.sinks import SentMessage
 from trainer_tasks.events import EventBus
@@ -84,6 +84,9 @@ class _TimingSink:
         return SentMessage(user_id, len(self.latencies))
 
     async def edit(self, sent: SentMessage, message: DirectMessage) -> None:
+        raise AssertionError("the benchmark sends started events only")
+
+    async def set_buttons(self, sent: SentMessage, buttons: tuple[Button, ...]) -> None:
         raise AssertionError("the benchmark sends started events only")
 
 

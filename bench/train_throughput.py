@@ -9,7 +9,7 @@ import os
 import statistics
 import tempfile
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,6 +29,7 @@ from schemas.events import (
     decode_event,
 )
 from scripts import corpus, devstack
+from trainer_store.storage import Storage
 from trainer_tasks import resources
 from trainer_tasks.data import Splits, encode, split_blocks
 from trainer_tasks.model import build_model, warmup_cosine
@@ -68,7 +69,8 @@ class Workload:
             "learning_rate": self.learning_rate,
             "seed": self.seed,
             "holdout_fraction": HOLDOUT_FRACTION,
-            "corpus_path": str(self.corpus_path),
+            # Its key under the corpus root, which holds the file under the same name.
+            "corpus_path": self.corpus_path.name,
             "user_id": 0,
         }
 
@@ -128,8 +130,9 @@ def service_span(progress: Sequence[TrainProgress], start_step: int) -> Span:
 
 
 @contextmanager
-def running_stack(workdir: Path) -> Iterator[Stack]:
-    """Redis, the training worker and the API, as scripts.devstack starts them for the tests."""
+def running_stack(workdir: Path, settings: Mapping[str, str] | None = None) -> Iterator[Stack]:
+    """Redis, the training worker and the API, as scripts.devstack starts them for the tests; the roots
+    are local folders of `workdir` unless `settings` says otherwise."""
     logs = workdir / "logs"
     redis_service, redis_url = devstack.start_redis(workdir)
     env = {
@@ -138,7 +141,8 @@ def running_stack(workdir: Path) -> Iterator[Stack]:
         "APP__CORPUS_ROOT": str(workdir / "corpora"),
         "APP__ARTIFACTS_ROOT": str(workdir / "artifacts"),
         "APP__RUNS_ROOT": str(workdir / "runs"),
-        "APP__LOGS_ROOT": str(workdir / "run-logs"),
+        "APP__CACHE_ROOT": str(workdir / "cache"),
+        **(settings or {}),
     }
     worker_cwd = workdir / "worker-cwd"
     worker_cwd.mkdir(parents=True, exist_ok=True)
@@ -215,7 +219,7 @@ def completion(events: Sequence[TrainEvent]) -> TrainCompleted:
 
 def check_same_model(completed: TrainCompleted, vocab_size: int) -> None:
     """The run's manifest must show the vocabulary the plain loop uses, else the work differs."""
-    manifest: object = json.loads((Path(completed.artifact_path) / "manifest.json").read_text())
+    manifest: object = json.loads(Storage(completed.artifact_path).read_bytes("manifest.json"))
     served = manifest.get("vocab_size") if isinstance(manifest, dict) else None
     if served != vocab_size:
         raise RuntimeError(f"the service's vocabulary has {served} tokens, the plain loop's {vocab_size}")
@@ -328,12 +332,16 @@ def describe(index: int, pair: Pair, tokens_per_step: int) -> str:
 
 
 def summary(pairs: Sequence[Pair], tokens_per_step: int) -> str:
-    ratios = [pair.ratio(tokens_per_step) for pair in pairs]
+    return verdict("service/plain", [pair.ratio(tokens_per_step) for pair in pairs], TARGET_RATIO)
+
+
+def verdict(label: str, ratios: Sequence[float], target: float) -> str:
+    """The ratios of each pair, their median and whether it meets the target."""
     median = statistics.median(ratios)
-    verdict = "met" if median >= TARGET_RATIO else "NOT met"
+    met = "met" if median >= target else "NOT met"
     return (
-        f"ratios service/plain: {', '.join(f'{ratio:.3f}' for ratio in ratios)}\n"
-        f"median ratio {median:.3f}: target (>= {TARGET_RATIO}) {verdict}"
+        f"ratios {label}: {', '.join(f'{ratio:.3f}' for ratio in ratios)}\n"
+        f"median ratio {median:.3f}: target (>= {target}) {met}"
     )
 
 

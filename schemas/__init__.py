@@ -1,1 +1,1 @@
-"""Shapes that cross a process boundary: API bodies, run records and v1 events."""
+"""Shapes that cross a process boundary: API bodies, statuses, v1 events and the model catalogue."""

@@ -7,14 +7,22 @@ from dataclasses import asdict, dataclass
 
 from marshmallow import EXCLUDE, Schema, ValidationError, fields, post_load, validate, validates_schema
 
-from schemas.jobs import JOB_STATUSES
 from schemas.models import DEFAULT_FAMILY, DEFAULT_SIZE
-from schemas.runs import RUN_STATUSES
+from schemas.queues import GPU_QUEUE, LIGHT_QUEUE, QUEUE_NAME, TRAINING_QUEUE
+from schemas.status import JOB_STATUSES, RUN_STATUSES
 
 CORPUS_FIELDS = ("corpus_id", "corpus_path")
 EXACTLY_ONE_CORPUS = "give exactly one of corpus_id and corpus_path"
 EVALUATION_SPLITS = ("validation", "test")
 TOKENIZER_METHODS = ("bpe",)
+# What a run trains on: "auto" is a GPU where the worker has one, else its CPU.
+ACCELERATORS = ("cpu", "gpu", "auto")
+MAX_DEVICES = 64
+# A Discord user id is a snowflake, a 64-bit integer; 0 stands for no Discord user.
+MAX_USER_ID = 2**63 - 1
+SNOWFLAKE_RANGE = validate.Range(
+    min=0, max=MAX_USER_ID, error=f"must be a Discord user id from 0 to {MAX_USER_ID} (0: no Discord user)"
+)
 
 
 class CorpusChoiceSchema(Schema):
@@ -60,8 +68,8 @@ class TrainRequestSchema(CorpusChoiceSchema):
     user_id = fields.Integer(
         strict=True,
         required=True,
-        validate=validate.Range(min=0),
-        metadata={"description": "Discord user id to notify; 0 means no Discord user."},
+        validate=SNOWFLAKE_RANGE,
+        metadata={"description": "Discord user id to notify (a snowflake); 0 means no Discord user."},
     )
     seed = fields.Integer(strict=True, load_default=1337, validate=validate.Range(min=0, max=2**32 - 1))
     holdout_fraction = fields.Float(
@@ -74,6 +82,30 @@ class TrainRequestSchema(CorpusChoiceSchema):
         validate=validate.Range(min=0, max=0.5, max_inclusive=False),
         metadata={
             "description": "Share held out as a test split for POST /runs/{run_id}/evaluate; 0 for none."
+        },
+    )
+    accelerator = fields.String(
+        load_default="auto",
+        validate=validate.OneOf(ACCELERATORS),
+        metadata={
+            "description": '"gpu" fails on a worker without one; "auto" uses a GPU where there is one.'
+        },
+    )
+    devices = fields.Integer(
+        strict=True,
+        load_default=1,
+        validate=validate.Range(min=1, max=MAX_DEVICES),
+        metadata={"description": "GPUs (or CPU processes) one run trains on; above 1, DDP."},
+    )
+    # No load default: an unnamed queue depends on the accelerator (TrainRequest.from_mapping).
+    queue = fields.String(
+        validate=[
+            validate.Regexp(QUEUE_NAME, error="must be 1 to 64 letters, digits, '.', '_' or '-'"),
+            validate.NoneOf([LIGHT_QUEUE], error="the light queue is for tokenizers and evaluations"),
+        ],
+        metadata={
+            "description": 'The Celery queue that trains the run (GET /queues lists them); by default "gpu" '
+            'for accelerator "gpu", else "training".'
         },
     )
 
@@ -95,6 +127,9 @@ class TrainRequest:
     holdout_fraction: float = 0.1
     test_fraction: float = 0.0
     corpus_id: str | None = None
+    queue: str = TRAINING_QUEUE
+    accelerator: str = "auto"
+    devices: int = 1
 
     @classmethod
     def from_mapping(cls, data: Mapping[str, object]) -> TrainRequest:
@@ -119,6 +154,9 @@ class TrainRequest:
             return float(value)
 
         corpus_id = data.get("corpus_id")
+        accelerator = data.get("accelerator", "auto")
+        devices = data.get("devices", 1)
+        queue = data.get("queue") or (GPU_QUEUE if accelerator == "gpu" else TRAINING_QUEUE)
 
         return cls(
             model_family=text("model_family"),
@@ -134,6 +172,9 @@ class TrainRequest:
             holdout_fraction=number("holdout_fraction", 0.1),
             test_fraction=number("test_fraction", 0.0),
             corpus_id=corpus_id if isinstance(corpus_id, str) else None,
+            queue=queue if isinstance(queue, str) else TRAINING_QUEUE,
+            accelerator=accelerator if isinstance(accelerator, str) else "auto",
+            devices=devices if isinstance(devices, int) else 1,
         )
 
     def to_mapping(self) -> dict[str, object]:
@@ -171,6 +212,14 @@ class RunStatusSchema(Schema):
     perplexity = fields.Float(allow_none=True)
     artifact_path = fields.String(allow_none=True)
     error_kind = fields.String(allow_none=True)
+    queue = fields.String(metadata={"description": "The Celery queue the run is sent to."})
+    worker = fields.String(
+        allow_none=True, metadata={"description": "The Celery hostname of the worker that took the run."}
+    )
+    queue_position = fields.Integer(
+        allow_none=True,
+        metadata={"description": "While queued: 1 when the run is the next its queue gives a worker."},
+    )
 
 
 class RunListQuerySchema(Schema):
@@ -178,7 +227,7 @@ class RunListQuerySchema(Schema):
 
     user_id = fields.Integer(
         required=True,
-        validate=validate.Range(min=0),
+        validate=SNOWFLAKE_RANGE,
         metadata={"description": "Discord user id the runs belong to."},
     )
     limit = fields.Integer(load_default=20, validate=validate.Range(min=1, max=100))
@@ -215,8 +264,39 @@ class ErrorSchema(Schema):
     )
 
 
+class WorkerSchema(Schema):
+    hostname = fields.String(
+        required=True, metadata={"description": "Celery's node name, e.g. training@host"}
+    )
+    host = fields.String(required=True)
+    queues = fields.List(fields.String(), required=True)
+    concurrency = fields.Integer(required=True, metadata={"description": "Runs it trains at once."})
+    accelerator = fields.String(required=True, validate=validate.OneOf(["cpu", "gpu"]))
+    devices = fields.Integer(required=True)
+    torch_threads = fields.Integer(required=True, metadata={"description": "Its share of the host's cores."})
+    last_seen = fields.Float(required=True, metadata={"description": "Unix seconds of its last renewal"})
+
+
+class QueueSchema(Schema):
+    name = fields.String(required=True)
+    length = fields.Integer(
+        required=True, metadata={"description": "Tasks waiting in the broker's lists for this queue."}
+    )
+    workers = fields.List(fields.Nested(WorkerSchema), required=True)
+
+
+class QueueListSchema(Schema):
+    queues = fields.List(
+        fields.Nested(QueueSchema),
+        required=True,
+        metadata={"description": "Queues that a live worker consumes, by name."},
+    )
+
+
 class HealthSchema(Schema):
     status = fields.String(required=True)
+    redis = fields.String(metadata={"description": "readiness only: Redis answered"})
+    store = fields.String(metadata={"description": "readiness only: every root of the file store answered"})
 
 
 class ModelSizeSchema(Schema):
@@ -360,3 +440,32 @@ class LogQuerySchema(Schema):
         validate=validate.Range(min=1, max=10_000),
         metadata={"description": "How many of the last lines to send first."},
     )
+
+
+LINK_TTL_DEFAULT_S = 7 * 24 * 3600
+LINK_TTL_MAX_S = 30 * 24 * 3600
+
+
+class LinkRequestSchema(Schema):
+    """POST /runs/{run_id}/links; the body may be left out."""
+
+    ttl_s = fields.Integer(
+        strict=True,
+        load_default=LINK_TTL_DEFAULT_S,
+        validate=validate.Range(min=60, max=LINK_TTL_MAX_S),
+        metadata={"description": "How long the links work, in seconds (7 days by default, 30 at most)."},
+    )
+
+
+class LinksSchema(Schema):
+    download = fields.String(
+        required=True,
+        metadata={"description": "GET it with no header: the run's model folder as one .zip."},
+    )
+    events = fields.String(
+        required=True,
+        metadata={
+            "description": "GET it with no header (an EventSource): the run's events, as server-sent events."
+        },
+    )
+    expires_at = fields.Integer(required=True, metadata={"description": "Unix seconds"})

@@ -9,9 +9,12 @@ from typing import ClassVar, Literal
 
 EVENTS_CHANNEL = "trainer:events"
 EVENTS_STREAM = "trainer:events:stream"
+# The field of a stream entry that holds the event's JSON, on the global stream and on a run's own.
+EVENT_FIELD = "event"
 
 ErrorKind = Literal["user", "system"]
 FailedStatus = Literal["failed", "canceled"]
+EvalSplit = Literal["validation", "test"]
 JsonScalar = str | int | float | bool | None
 
 
@@ -41,6 +44,11 @@ class TrainStarted(_Event):
     optimal_workers: int | None = None
     batch_size: int | None = None
     learning_rate: float | None = None
+    # The Celery hostname of the worker that took the run, what it trains on, and its torch threads.
+    worker: str | None = None
+    accelerator: str | None = None
+    devices: int | None = None
+    torch_threads: int | None = None
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -82,7 +90,33 @@ class TrainFailed(_Event):
     status: FailedStatus
 
 
-TrainEvent = TrainStarted | TrainProgress | TrainCompleted | TrainFailed
+@dataclass(frozen=True, kw_only=True)
+class EvalCompleted(_Event):
+    type: ClassVar[str] = "trainer.eval.completed.v1"
+    split: EvalSplit
+    loss: float
+    perplexity: float
+
+
+@dataclass(frozen=True, kw_only=True)
+class EvalFailed(_Event):
+    type: ClassVar[str] = "trainer.eval.failed.v1"
+    split: EvalSplit
+    error_kind: ErrorKind
+    message: str
+
+
+# Every v1 event: a training run's four, and the end of an evaluation of a finished run.
+TrainEvent = TrainStarted | TrainProgress | TrainCompleted | TrainFailed | EvalCompleted | EvalFailed
+
+
+def progress_fraction(event: TrainProgress, started_ts: float | None) -> float:
+    """How far a run is: time done over time done plus time left given an ETA; else finished epochs."""
+    if event.eta_s is not None and event.ts is not None and started_ts is not None:
+        elapsed = max(0.0, event.ts - started_ts)
+        total = elapsed + max(0.0, event.eta_s)
+        return elapsed / total if total > 0 else 0.0
+    return (event.epoch - 1) / event.total_epochs if event.total_epochs > 0 else 0.0
 
 
 @dataclass(frozen=True)
@@ -196,6 +230,10 @@ def _started(f: _Fields) -> TrainStarted:
         optimal_workers=f.optional_integer("optimal_workers"),
         batch_size=f.optional_integer("batch_size"),
         learning_rate=f.optional_number("learning_rate"),
+        worker=f.optional_text("worker"),
+        accelerator=f.optional_text("accelerator"),
+        devices=f.optional_integer("devices"),
+        torch_threads=f.optional_integer("torch_threads"),
     )
 
 
@@ -259,6 +297,44 @@ def _failed(f: _Fields) -> TrainFailed:
     )
 
 
+def _eval_completed(f: _Fields) -> EvalCompleted:
+    request_id, run_id, user_id, event_id, seq, ts = _common(f)
+    return EvalCompleted(
+        request_id=request_id,
+        run_id=run_id,
+        user_id=user_id,
+        event_id=event_id,
+        seq=seq,
+        ts=ts,
+        split=_split(f.text("split")),
+        loss=f.number("loss"),
+        perplexity=f.number("perplexity"),
+    )
+
+
+def _eval_failed(f: _Fields) -> EvalFailed:
+    request_id, run_id, user_id, event_id, seq, ts = _common(f)
+    return EvalFailed(
+        request_id=request_id,
+        run_id=run_id,
+        user_id=user_id,
+        event_id=event_id,
+        seq=seq,
+        ts=ts,
+        split=_split(f.text("split")),
+        error_kind=_error_kind(f.text("error_kind")),
+        message=f.text("message"),
+    )
+
+
+def _split(value: str) -> EvalSplit:
+    if value == "validation":
+        return "validation"
+    if value == "test":
+        return "test"
+    raise _InvalidField("field 'split' must be 'validation' or 'test'")
+
+
 def _error_kind(value: str) -> ErrorKind:
     if value == "user":
         return "user"
@@ -280,4 +356,6 @@ _BUILDERS: dict[str, Callable[[_Fields], TrainEvent]] = {
     TrainProgress.type: _progress,
     TrainCompleted.type: _completed,
     TrainFailed.type: _failed,
+    EvalCompleted.type: _eval_completed,
+    EvalFailed.type: _eval_failed,
 }

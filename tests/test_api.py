@@ -23,12 +23,14 @@ from schemas.models import (
     model_shape,
     reference_params,
 )
-from schemas.runs import RunStore, user_runs_key
-from schemas.settings import Settings
+from schemas.queues import NEW_TASK_PRIORITY
 from scripts.devstack import free_port
 from tests.conftest import DispatchRecorder
 from trainer_api import create_app
-from trainer_api.services import EXTENSION, services
+from trainer_api.services import EXTENSION, Task, services
+from trainer_store.runs import RunStore, user_runs_key
+from trainer_store.settings import Settings
+from trainer_store.storage import Storage
 from trainer_tasks.app import TRAIN_TASK, celery_app
 
 SNOWFLAKE = 123456789012345678
@@ -162,13 +164,16 @@ def test_defaults_are_applied(client: FlaskClient, redis_client: redis.Redis, co
         "num_epochs": 1,
         "batch_size": 16,
         "learning_rate": 0.001,
-        "corpus_path": str(corpus_root.resolve() / "notes.txt"),
+        "corpus_path": "notes.txt",  # a key under the corpus root, which every process understands
         "tokenizer_id": "auto",
         "user_id": 0,
         "seed": 1337,
         "holdout_fraction": 0.1,
         "test_fraction": 0.0,
         "corpus_id": None,
+        "queue": "training",
+        "accelerator": "auto",
+        "devices": 1,
     }
 
 
@@ -184,48 +189,71 @@ def test_explicit_values_are_stored(
         learning_rate=5e-4,
         tokenizer_id="auto",
         seed=7,
+        queue="gpu",
+        accelerator="cpu",
+        devices=2,
     )
     run_id = json_of(submit(client, body))["run_id"]
     stored = stored_request(redis_client, run_id)
     assert stored == {
         **body,
-        "corpus_path": str(corpus_root.resolve() / "notes.txt"),
+        "corpus_path": "notes.txt",
         "holdout_fraction": 0.1,
         "test_fraction": 0.0,
         "corpus_id": None,
     }
 
 
-@pytest.mark.parametrize("relative", ["notes.txt", "./notes.txt", "books/../notes.txt", "books/moby.txt"])
-def test_relative_corpus_paths_inside_the_root(
-    client: FlaskClient, redis_client: redis.Redis, corpus_root: Path, relative: str
+@pytest.mark.parametrize(
+    ("relative", "key"),
+    [
+        ("notes.txt", "notes.txt"),
+        ("./notes.txt", "notes.txt"),
+        ("books/../notes.txt", "notes.txt"),
+        ("books/moby.txt", "books/moby.txt"),
+    ],
+)
+def test_relative_corpus_paths_inside_the_root_are_stored_as_keys(
+    client: FlaskClient, redis_client: redis.Redis, corpus_root: Path, relative: str, key: str
 ) -> None:
     (corpus_root / "books").mkdir()
     (corpus_root / "books" / "moby.txt").write_text("call me ishmael\n")
     response = submit(client, valid_body(corpus_path=relative))
     assert response.status_code == 202
-    expected = (corpus_root / relative).resolve()
-    assert expected.is_absolute()
-    assert stored_request(redis_client, json_of(response)["run_id"])["corpus_path"] == str(expected)
+    assert stored_request(redis_client, json_of(response)["run_id"])["corpus_path"] == key
 
 
-def test_absolute_corpus_path_inside_the_root(
+def test_an_absolute_corpus_path_inside_a_local_root_is_still_accepted(
     client: FlaskClient, redis_client: redis.Redis, corpus_root: Path
 ) -> None:
     absolute = corpus_root.resolve() / "notes.txt"
     response = submit(client, valid_body(corpus_path=str(absolute)))
     assert response.status_code == 202
-    assert stored_request(redis_client, json_of(response)["run_id"])["corpus_path"] == str(absolute)
+    assert stored_request(redis_client, json_of(response)["run_id"])["corpus_path"] == "notes.txt"
 
 
-def test_symlink_inside_the_root_to_a_file_inside_is_stored_resolved(
+def test_symlink_inside_the_root_to_a_file_inside_is_stored_as_its_target(
     client: FlaskClient, redis_client: redis.Redis, corpus_root: Path
 ) -> None:
     (corpus_root / "alias.txt").symlink_to(corpus_root / "notes.txt")
     response = submit(client, valid_body(corpus_path="alias.txt"))
     assert response.status_code == 202
-    stored = stored_request(redis_client, json_of(response)["run_id"])["corpus_path"]
-    assert stored == str(corpus_root.resolve() / "notes.txt")
+    assert stored_request(redis_client, json_of(response)["run_id"])["corpus_path"] == "notes.txt"
+
+
+def test_a_corpus_in_an_object_store_root(
+    settings: Settings, redis_client: redis.Redis, dispatched: DispatchRecorder, s3_bucket: str
+) -> None:
+    Storage(f"{s3_bucket}/corpora").write_bytes("books/moby.txt", b"call me ishmael\n")
+    app, _ = app_with(replace(settings, corpus_root=f"{s3_bucket}/corpora"))
+    client = app.test_client()
+    for value in ("books/moby.txt", f"{s3_bucket}/corpora/books/moby.txt"):
+        response = submit(client, valid_body(corpus_path=value))
+        assert response.status_code == 202
+        assert stored_request(redis_client, json_of(response)["run_id"])["corpus_path"] == "books/moby.txt"
+    for value in ("../corpora/books/moby.txt", "/books/moby.txt", "books", "books/missing.txt"):
+        fields = field_errors(submit(client, valid_body(corpus_path=value)))
+        assert fields == {"corpus_path": ["must name an existing file inside the corpus root"]}
 
 
 # ----------------------------------------------------------------------------------------- rejection
@@ -439,9 +467,9 @@ def test_unknown_route_is_404(client: FlaskClient) -> None:
 
 
 def test_wrong_method_is_405_with_allow(client: FlaskClient) -> None:
-    response = client.delete("/runs/abc")
+    response = client.patch("/runs/abc", json={})
     assert_envelope(response, 405, "METHOD_NOT_ALLOWED")
-    assert "GET" in response.headers["Allow"]
+    assert {"GET", "DELETE"} <= set(response.headers["Allow"].split(", "))
     response = client.put("/runs/train", json={})
     assert_envelope(response, 405, "METHOD_NOT_ALLOWED")
     assert "POST" in response.headers["Allow"]
@@ -540,7 +568,7 @@ def test_nested_and_plain_field_errors_are_flattened(crashing_app: Flask) -> Non
 def test_dispatch_unavailable_is_503_and_the_run_ends_failed(
     settings: Settings, redis_client: redis.Redis, failure: Exception, caplog: pytest.LogCaptureFixture
 ) -> None:
-    def dispatch(name: str, args: list[str], task_id: str) -> None:
+    def dispatch(task: Task) -> None:
         raise failure
 
     client = create_app(settings, dispatch=dispatch).test_client()
@@ -558,7 +586,7 @@ def test_dispatch_unavailable_is_503_and_the_run_ends_failed(
 
 
 def test_dispatch_crash_is_500_and_the_run_ends_failed(settings: Settings, redis_client: redis.Redis) -> None:
-    def dispatch(name: str, args: list[str], task_id: str) -> None:
+    def dispatch(task: Task) -> None:
         raise ValueError("secret detail")
 
     response = submit(create_app(settings, dispatch=dispatch).test_client(), valid_body())
@@ -600,7 +628,37 @@ def test_healthz_and_readyz(client: FlaskClient) -> None:
     assert json_of(client.get("/healthz")) == {"status": "ok"}
     ready = client.get("/readyz")
     assert ready.status_code == 200
-    assert json_of(ready) == {"status": "ready"}
+    assert json_of(ready) == {"status": "ready", "redis": "ok", "store": "ok"}
+
+
+def test_readyz_reports_the_store_alongside_redis(
+    settings: Settings,
+    redis_client: redis.Redis,
+    s3_bucket: str,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    on_s3 = replace(settings, artifacts_root=f"{s3_bucket}/artifacts", runs_root=f"{s3_bucket}/runs")
+    assert json_of(app_with(on_s3)[0].test_client().get("/readyz"))["store"] == "ok"
+    missing_bucket = replace(on_s3, runs_root="s3://no-such-bucket-here/runs")
+    body = assert_envelope(
+        app_with(missing_bucket)[0].test_client().get("/readyz"), 503, "SERVICE_UNAVAILABLE"
+    )
+    assert body["message"] == "the file store is unreachable"
+    # Where it is and why it failed is for operators, in the log.
+    assert "s3://no-such-bucket-here/runs" in caplog.text
+    monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{free_port()}")
+    away = replace(on_s3, store_timeout_s=1)
+    assert_envelope(app_with(away)[0].test_client().get("/readyz"), 503, "SERVICE_UNAVAILABLE")
+
+
+def test_readyz_is_503_when_the_store_refuses_the_credentials(
+    settings: Settings, redis_client: redis.Redis, wrong_credentials: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    refused = replace(settings, artifacts_root="s3://refused/artifacts", store_timeout_s=2)
+    body = assert_envelope(app_with(refused)[0].test_client().get("/readyz"), 503, "SERVICE_UNAVAILABLE")
+    assert body["message"] == "the file store is unreachable"
+    assert f"the object store s3://refused/artifacts at {wrong_credentials} failed" in caplog.text
 
 
 def test_openapi_documents_the_run_routes(client: FlaskClient) -> None:
@@ -715,10 +773,12 @@ def test_create_app_reads_settings_from_the_environment(
     monkeypatch.setenv("APP__CORPUS_ROOT", str(corpus_root))
     monkeypatch.setenv("APP__MAX_EPOCHS", "2")
     monkeypatch.setenv("SECURITY__API_KEY", "from-env")
+    monkeypatch.setenv("APP__ALLOW_OFFLINE_QUEUES", "true")  # no worker runs in this test
     dispatched = DispatchRecorder()
     app = create_app(dispatch=dispatched)
     with app.app_context():
         assert services().settings.max_epochs == 2
+        assert services().settings.allow_offline_queues
     client = app.test_client()
     assert client.get("/runs/x").status_code == 401
     headers = {"X-Api-Key": "from-env"}
@@ -730,15 +790,21 @@ def test_create_app_reads_settings_from_the_environment(
 def test_default_dispatch_sends_the_train_task_by_name(
     monkeypatch: pytest.MonkeyPatch, settings: Settings, redis_client: redis.Redis
 ) -> None:
-    sent: list[tuple[str, list[str], str]] = []
+    sent: list[tuple[str, list[str], str, bool, str | None, int]] = []
 
-    def send_task(name: str, args: list[str], task_id: str) -> None:
-        sent.append((name, args, task_id))
+    def send_task(
+        name: str, args: list[str], task_id: str, ignore_result: bool, queue: str | None, priority: int
+    ) -> None:
+        sent.append((name, args, task_id, ignore_result, queue, priority))
 
     monkeypatch.setattr(celery_app, "send_task", send_task)
     client = create_app(settings).test_client()
     accepted = json_of(submit(client, valid_body()))
-    assert sent == [(TRAIN_TASK, [accepted["run_id"]], accepted["job_id"])]
+    # Only published (no subscription to a Celery result that nobody reads), to the run's own queue,
+    # behind any run that goes back to it.
+    assert sent == [
+        (TRAIN_TASK, [accepted["run_id"]], accepted["job_id"], True, "training", NEW_TASK_PRIORITY)
+    ]
 
 
 def test_services_outside_create_app_is_a_type_error(app: Flask) -> None:
@@ -842,3 +908,38 @@ def test_models_lists_families_and_sizes_with_parameter_counts(client: FlaskClie
     for family in families:
         for size in family["sizes"]:
             assert size["params"] == reference_params(family["family"], size["size"])
+
+
+LONG_PATHS = (
+    "/runs/r1/events",
+    "/runs/r1/logs/stream?tail=5",
+    "/runs/r1/model.zip?expires=1&signature=abc",
+    "/runs/r1/artifact/model.safetensors",
+)
+
+
+def test_a_process_without_threads_sends_followers_and_downloads_to_the_stream_line(
+    settings: Settings,
+) -> None:
+    stream_url = "https://stream.example.com"
+    app = create_app(replace(settings, stream_url=stream_url), dispatch=DispatchRecorder())
+    client = app.test_client()
+    for path in LONG_PATHS:
+        moved = client.get(path, headers={"X-Request-ID": "req-1"})
+        assert moved.status_code == 307, path
+        assert moved.headers["Location"] == f"{stream_url}{path}"
+        assert moved.headers["X-Request-ID"] == "req-1"
+    # Plain requests are answered here, and a threaded process (the stream line itself) serves the long ones.
+    assert client.get("/runs/r1").status_code == 404
+    assert client.get("/runs/r1/logs").status_code != 307
+    for path in LONG_PATHS:
+        assert client.get(path, environ_overrides={"wsgi.multithread": True}).status_code != 307, path
+
+
+def test_without_a_stream_line_every_request_is_served_where_it_is_asked(settings: Settings) -> None:
+    client = create_app(settings, dispatch=DispatchRecorder()).test_client()
+    for path in LONG_PATHS:
+        # Answered here: no such run (404), or a link that is not signed right (403).
+        assert client.get(path).status_code in (403, 404), path
+    assert Settings.from_env({"APP__STREAM_URL": "http://s:8001/"}).stream_url == "http://s:8001"
+    assert Settings.from_env({}).stream_url is None

@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import time
+
 import pytest
 import redis
 from flask import Flask
 from flask.testing import FlaskClient
 
-from schemas.runs import RunStore, run_key, user_runs_key
+from tests.conftest import DispatchRecorder
 from tests.test_api import assert_envelope, field_errors, json_of, submit, valid_body
 from trainer_api.services import services
+from trainer_store.runs import RunStore, run_key, user_runs_key
+from trainer_tasks.app import CANCEL_QUEUED_TASK, TRAIN_TASK
 
 SNOWFLAKE = 123456789012345678
 OTHER_USER = 876543210987654321
@@ -57,8 +61,8 @@ def test_a_run_whose_record_expired_leaves_the_list_and_the_index(
 
 def test_the_default_limit_is_20(client: FlaskClient) -> None:
     for _ in range(21):
-        submit_run(client)
-    assert len(listed_ids(client, f"user_id={SNOWFLAKE}")) == 20
+        submit_run(client, user_id=0)  # no Discord user, so no cap on active runs
+    assert len(listed_ids(client, "user_id=0")) == 20
 
 
 @pytest.mark.parametrize(
@@ -77,15 +81,29 @@ def test_bad_list_queries_are_422_in_the_envelope(client: FlaskClient, query: st
     assert field in field_errors(client.get(f"/runs?{query}"))
 
 
-def test_cancel_flags_a_queued_run_and_answers_202(client: FlaskClient, app: Flask) -> None:
+def test_cancel_flags_a_queued_run_and_asks_the_light_queue_to_end_it(
+    client: FlaskClient, app: Flask, dispatched: DispatchRecorder
+) -> None:
     run_id = submit_run(client)
     response = client.post(f"/runs/{run_id}/cancel")
     assert response.status_code == 202
     assert json_of(response) == {"status": "cancellation-requested"}
     with app.app_context():
         assert services().store.cancel_requested(run_id)
+    ended = [task for task in dispatched.tasks if task.name == CANCEL_QUEUED_TASK]
+    assert [(task.args, task.queue) for task in ended] == [([run_id], None)], "routed by celeryconfig"
     # Asking twice before the worker acts is harmless.
     assert client.post(f"/runs/{run_id}/cancel").status_code == 202
+
+
+def test_cancel_of_a_running_run_only_flags_it(
+    client: FlaskClient, app: Flask, dispatched: DispatchRecorder, redis_client: redis.Redis
+) -> None:
+    run_id = submit_run(client)
+    assert RunStore(redis_client).claim(run_id, "host:1", 30.0, time.time(), "training@a")
+    assert client.post(f"/runs/{run_id}/cancel").status_code == 202
+    assert RunStore(redis_client).cancel_requested(run_id)
+    assert [task.name for task in dispatched.tasks] == [TRAIN_TASK]
 
 
 def test_cancel_of_an_unknown_run_is_404(client: FlaskClient) -> None:

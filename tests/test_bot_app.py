@@ -15,16 +15,16 @@ from pathlib import Path
 import pytest
 import redis
 
-from schemas.events import TrainProgress
-from schemas.settings import Settings
+from schemas.events import TrainProgress, progress_fraction
 from tests.bot_support import PNG, USER, Publisher, serve_api
 from tests.conftest import DispatchRecorder
-from tests.fake_discord import fake_discord, field_values
+from tests.fake_discord import TOKEN, field_values, serve
 from trainer_bot import embeds
 from trainer_bot.app import loss_curve_reader, run
-from trainer_bot.client import TrainerClient
 from trainer_bot.config import BotConfig, MissingSetting
 from trainer_bot.notifier import GROUP
+from trainer_client.client import TrainerClient
+from trainer_store.settings import Settings
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
@@ -46,6 +46,8 @@ def test_settings_come_from_the_environment() -> None:
             "BOT_CONSUMER_NAME": "bot-2",
             "BOT_TRAIN_COOLDOWN_S": "30",
             "BOT_PROGRESS_EDIT_INTERVAL_S": "5",
+            "DISCORD_API_BASE": "http://proxy:8080/api/v10/",
+            "BOT_LINK_TTL_S": "3600",
         }
     )
     assert config == BotConfig(
@@ -57,10 +59,13 @@ def test_settings_come_from_the_environment() -> None:
         consumer_name="bot-2",
         train_cooldown_s=30.0,
         progress_edit_interval_s=5.0,
+        discord_api_base="http://proxy:8080/api/v10",
+        link_ttl_s=3600,
     )
     minimal = BotConfig.from_env({"TRAINER_API_URL": "http://api", "REDIS_URL": "redis://r"})
     assert (minimal.api_key, minimal.discord_token, minimal.public_api_url) == (None, None, None)
     assert (minimal.train_cooldown_s, minimal.consumer_name) == (10.0, "bot-1")
+    assert (minimal.discord_api_base, minimal.link_ttl_s) == ("https://discord.com/api/v10", 7 * 24 * 3600)
     with pytest.raises(MissingSetting, match="REDIS_URL"):
         BotConfig.from_env({"TRAINER_API_URL": "http://api", "REDIS_URL": ""})
 
@@ -111,17 +116,20 @@ def test_without_a_token_the_bot_prints_each_dm_and_stops_on_sigterm(
     assert process.returncode == 0
     assert "DISCORD_TOKEN is not set" in output
     assert f"--- DM to user {USER} (message 1) ---\n# Training started" in output
-    assert "# Training canceled" in output
+    assert f"--- DM to user {USER} (message 1, edited) ---\n# Training canceled" in output
+    assert "[Cancel (disabled)]" in output
+    assert f"--- DM to user {USER} (message 2) ---\n# Training canceled" in output
+    assert "[Train again]" in output
 
 
 def test_the_discord_mode_logs_in_delivers_dms_and_stops(
     api_url: str, redis_url: str, redis_client: redis.Redis
 ) -> None:
     async def main() -> None:
-        async with fake_discord() as (fake, _):
+        async with serve() as fake:
             config = BotConfig(api_url=api_url, redis_url=redis_url, consumer_name="bot-9")
             stop = asyncio.Event()
-            config = replace(config, discord_token="token")
+            config = replace(config, discord_token=TOKEN, discord_api_base=fake.api_base)
             task = asyncio.create_task(run(config, stop))
             while not redis_client.exists("trainer:events:stream"):
                 await asyncio.sleep(0.01)
@@ -130,9 +138,10 @@ def test_the_discord_mode_logs_in_delivers_dms_and_stops(
                 await asyncio.sleep(0.01)
             stop.set()
             await task
-            # It logged in with the token, and its gateway connection was tried (this fake has none).
+            # It logged in with the token, and found the gateway through the API base it was given.
             assert fake.of("GET", "/users/@me")
             assert fake.of("GET", "/gateway")
+            assert fake.identifies
 
     asyncio.run(main())
 
@@ -158,7 +167,7 @@ def test_embeds_leave_out_what_an_event_does_not_say() -> None:
     assert embeds.progress_bar(1.5) == "█" * 20 + " 100%"
     assert embeds.duration(3725) == "1h 02m"
     assert (
-        embeds.progress_fraction(
+        progress_fraction(
             TrainProgress(request_id="r", run_id="r", user_id=1, epoch=1, total_epochs=0, step=0, loss=1.0),
             None,
         )

@@ -12,11 +12,11 @@ import pytest
 import redis
 import requests
 
-from schemas.settings import Settings
 from scripts.devstack import free_port
 from tests.bot_support import OTHER_USER, USER, serve_api
 from tests.conftest import DispatchRecorder
-from trainer_bot.client import ApiError, ModelSize, TrainerClient, TrainOrder
+from trainer_client.client import ApiError, ModelSize, TrainerClient, TrainOrder
+from trainer_store.settings import Settings
 
 ORDER = TrainOrder(
     user_id=USER,
@@ -79,7 +79,11 @@ def test_validation_errors_and_a_wrong_key_are_api_errors(api: TrainerClient, se
     with pytest.raises(ApiError) as invalid:
         api.train(replace(ORDER, num_epochs=0))
     assert (invalid.value.status, invalid.value.code) == (422, "VALIDATION_ERROR")
-    assert "num_epochs" in invalid.value.message
+    # Each field's own message comes with it: the user sees what to change.
+    assert (
+        invalid.value.message
+        == "invalid field(s): num_epochs (num_epochs: Must be greater than or equal to 1.)"
+    )
     keyless = TrainerClient(api._base_url)
     with pytest.raises(ApiError) as unauthorized:
         keyless.models()

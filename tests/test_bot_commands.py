@@ -3,79 +3,38 @@
 from __future__ import annotations
 
 import asyncio
-import itertools
-import json
+import contextlib
+import time
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 
-import nextcord
 import pytest
 import redis
 
-from schemas.runs import RunStore, run_key
-from schemas.settings import Settings
-from scripts.devstack import free_port
-from tests.bot_support import OTHER_USER, USER, FakeClock, serve_api
+from tests.bot_support import OTHER_USER, USER, FakeClock, bot_on, serve_api
 from tests.conftest import DispatchRecorder
-from tests.fake_discord import FakeDiscord, fake_discord
-from trainer_bot.client import TrainerClient, TrainOrder
-from trainer_bot.commands import Commands, RateLimiter, build_commands
-
-INTERACTION_IDS = itertools.count(7000)
+from tests.fake_discord import FakeDiscord, serve
+from trainer_bot.commands import RateLimiter
+from trainer_client.client import TrainerClient, TrainOrder
+from trainer_store.runs import RunStore, run_key
+from trainer_store.settings import Settings
+from trainer_store.workers import WorkerEntry, WorkerRegistry
 
 
 @dataclass
 class Harness:
     fake: FakeDiscord
-    bot: nextcord.Client
     api: TrainerClient
-    clock: FakeClock
 
     async def use(self, name: str, user_id: int = USER, **options: object) -> str:
-        """Sends the interaction Discord would for `/name option:value ...`; answers the bot's reply."""
-        payload_options: list[dict[str, object]] = []
-        resolved: dict[str, object] = {}
-        for key, value in options.items():
-            if isinstance(value, dict):  # an attachment: Discord sends its id and resolves it alongside
-                resolved.setdefault("attachments", {})
-                attachments = resolved["attachments"]
-                assert isinstance(attachments, dict)
-                attachments[str(value["id"])] = value
-                payload_options.append({"name": key, "type": 11, "value": str(value["id"])})
-            else:
-                kind = {str: 3, int: 4, float: 10}[type(value)]
-                payload_options.append({"name": key, "type": kind, "value": value})
-        interaction_id = next(INTERACTION_IDS)
-        payload: dict[str, object] = {
-            "id": str(interaction_id),
-            "application_id": "1000",
-            "type": 2,
-            "token": f"token-{interaction_id}",
-            "version": 1,
-            "channel_id": "42",
-            "user": {"id": str(user_id), "username": "someone", "discriminator": "0", "avatar": None},
-            "data": {
-                "id": self.fake.command_id(name),
-                "name": name,
-                "type": 1,
-                "options": payload_options,
-                "resolved": resolved,
-            },
-        }
-        before = len(self.fake.followups())
-        # As it arrives from the gateway: JSON text, parsed.
-        wire = json.loads(json.dumps(payload))
-        interaction: nextcord.Interaction[nextcord.Client] = nextcord.Interaction(
-            data=wire, state=self.bot._connection
-        )
-        await self.bot.process_application_commands(interaction)
-        callbacks = self.fake.of("POST", f"/interactions/{interaction_id}/")
+        """`/name option:value ...` through the gateway; answers the bot's reply."""
+        interaction_id = await self.fake.use_command(name, user_id, **options)
+        reply = await self.fake.answer_to(interaction_id)
+        callbacks = self.fake.callbacks(interaction_id)
         assert len(callbacks) == 1, "deferred exactly once"
         assert callbacks[0].body == {"type": 5, "data": {"flags": 64}}, "deferred as ephemeral"
-        followups = self.fake.followups()[before:]
-        assert len(followups) == 1
-        return followups[0]
+        return reply
 
 
 @pytest.fixture
@@ -85,19 +44,12 @@ def api_url(settings: Settings, redis_client: redis.Redis, dispatched: DispatchR
 
 
 @asynccontextmanager
-async def harness(api_url: str) -> AsyncIterator[Harness]:
-    async with fake_discord() as (fake, bot):
-        api = TrainerClient(api_url)
-        clock = FakeClock()
-        commands = Commands(api, RateLimiter(10.0, clock))
-        for command in build_commands(commands, await asyncio.to_thread(api.models)):
-            bot.add_application_command(command)
-        await bot.sync_application_commands()  # what the bot does on connect
-        assert set(fake.commands) == {"train_model", "train_status", "train_cancel", "train_runs"}
-        yield Harness(fake, bot, api, clock)
+async def harness(api_url: str, redis_url: str, cooldown_s: float = 0.0) -> AsyncIterator[Harness]:
+    async with serve() as fake, bot_on(fake, api_url, redis_url, train_cooldown_s=cooldown_s):
+        yield Harness(fake, TrainerClient(api_url))
 
 
-def submit(api: TrainerClient, user_id: int = USER) -> str:
+def submit(api: TrainerClient, user_id: int = USER, accelerator: str | None = None) -> str:
     order = TrainOrder(
         user_id=user_id,
         model_family="gpt2",
@@ -106,13 +58,14 @@ def submit(api: TrainerClient, user_id: int = USER) -> str:
         batch_size=8,
         learning_rate=1e-3,
         corpus_path="notes.txt",
+        accelerator=accelerator,
     )
     return api.train(order).run_id
 
 
-def test_status_shows_the_callers_own_run_only(api_url: str) -> None:
+def test_status_shows_the_callers_own_run_only(api_url: str, redis_url: str) -> None:
     async def scenario() -> None:
-        async with harness(api_url) as h:
+        async with harness(api_url, redis_url) as h:
             mine, theirs = submit(h.api), submit(h.api, OTHER_USER)
             reply = await h.use("train_status", run_id=mine)
             assert reply.startswith(f"`{mine}`: **queued**, started <t:")
@@ -125,10 +78,10 @@ def test_status_shows_the_callers_own_run_only(api_url: str) -> None:
 
 
 def test_cancel_asks_the_api_for_own_runs_and_says_when_it_ended(
-    api_url: str, redis_client: redis.Redis
+    api_url: str, redis_url: str, redis_client: redis.Redis
 ) -> None:
     async def scenario() -> None:
-        async with harness(api_url) as h:
+        async with harness(api_url, redis_url) as h:
             mine, theirs = submit(h.api), submit(h.api, OTHER_USER)
             assert "Cancellation requested" in await h.use("train_cancel", run_id=mine)
             assert RunStore(redis_client).cancel_requested(mine)
@@ -149,9 +102,11 @@ def test_cancel_asks_the_api_for_own_runs_and_says_when_it_ended(
     asyncio.run(scenario())
 
 
-def test_runs_lists_the_callers_runs_newest_first(api_url: str, redis_client: redis.Redis) -> None:
+def test_runs_lists_the_callers_runs_newest_first(
+    api_url: str, redis_url: str, redis_client: redis.Redis
+) -> None:
     async def scenario() -> None:
-        async with harness(api_url) as h:
+        async with harness(api_url, redis_url) as h:
             assert await h.use("train_runs") == "You have no training runs yet. Start one with /train_model."
             first, second = submit(h.api), submit(h.api)
             submit(h.api, OTHER_USER)
@@ -167,9 +122,11 @@ def test_runs_lists_the_callers_runs_newest_first(api_url: str, redis_client: re
     asyncio.run(scenario())
 
 
-def test_train_model_is_rate_limited_per_user_and_api_errors_carry_the_request_id(api_url: str) -> None:
+def test_train_model_is_rate_limited_per_user_and_api_errors_carry_the_request_id(
+    api_url: str, redis_url: str
+) -> None:
     async def scenario() -> None:
-        async with harness(api_url) as h:
+        async with harness(api_url, redis_url, cooldown_s=10) as h:
             first = await h.use("train_model", corpus_name="missing.txt", epochs=2)
             assert "The training service" in first
             assert "request_id `" in first
@@ -179,17 +136,14 @@ def test_train_model_is_rate_limited_per_user_and_api_errors_carry_the_request_i
             )
             # Someone else is not held up by it.
             assert "request_id" in await h.use("train_model", OTHER_USER, corpus_name="missing.txt")
-            h.clock.advance(10)
-            assert "request_id" in await h.use("train_model", corpus_name="missing.txt")
 
     asyncio.run(scenario())
 
 
-def test_train_model_checks_the_corpus_before_calling_the_api(api_url: str) -> None:
+def test_train_model_checks_the_corpus_before_calling_the_api(api_url: str, redis_url: str) -> None:
     async def scenario() -> None:
-        async with harness(api_url) as h:
+        async with harness(api_url, redis_url) as h:
             assert "either as a text-file attachment or as the name" in await h.use("train_model")
-            h.clock.advance(10)
             image = {
                 "id": "1",
                 "filename": "cat.png",
@@ -202,10 +156,8 @@ def test_train_model_checks_the_corpus_before_calling_the_api(api_url: str) -> N
                 await h.use("train_model", corpus_file=image)
                 == "`cat.png` is not a text file; attach a .txt file."
             )
-            h.clock.advance(10)
             huge = {"id": "2", "filename": "big.txt", "size": 50 * 2**20, "url": "", "proxy_url": ""}
             assert "the limit is 10,485,760" in await h.use("train_model", corpus_file=huge)
-            h.clock.advance(10)
             gone = {
                 "id": "3",
                 "filename": "gone.txt",
@@ -219,15 +171,84 @@ def test_train_model_checks_the_corpus_before_calling_the_api(api_url: str) -> N
     asyncio.run(scenario())
 
 
-def test_an_unreachable_api_is_a_friendly_message() -> None:
+def test_an_unreachable_api_is_a_friendly_message(redis_url: str) -> None:
     async def scenario() -> None:
-        with serve_api(Settings(), DispatchRecorder()) as url:
-            async with harness(url) as h:
-                h.api._base_url = f"http://127.0.0.1:{free_port()}"  # the API goes away after start-up
+        with contextlib.ExitStack() as api:
+            url = api.enter_context(serve_api(Settings(redis_url=redis_url), DispatchRecorder()))
+            async with harness(url, redis_url) as h:
+                api.close()  # the API goes away after start-up
                 reply = await h.use("train_status", run_id="abc")
                 assert reply.startswith(
                     "The training service is not answering right now; try again in a minute."
                 )
                 assert "(request_id `" in reply
+
+    asyncio.run(scenario())
+
+
+def test_the_rate_limiter_counts_per_user_on_its_clock() -> None:
+    clock = FakeClock()
+    limiter = RateLimiter(10.0, clock)
+    assert limiter.wait_s(USER) == 0
+    clock.advance(4)
+    assert limiter.wait_s(USER) == 6
+    assert limiter.wait_s(OTHER_USER) == 0
+    clock.advance(6)
+    assert limiter.wait_s(USER) == 0
+
+
+def test_train_model_offers_the_live_queues_and_says_how_many_runs_are_ahead(
+    api_url: str, redis_url: str, redis_client: redis.Redis, dispatched: DispatchRecorder
+) -> None:
+    registry = WorkerRegistry(redis_client)
+    for hostname, queue in (("gpu@box", "gpu"), ("light@box", "light"), ("big@box", "big")):
+        registry.register(WorkerEntry(hostname, "box", [queue], 1, "cpu", 1, 1), ttl_s=120, now=time.time())
+
+    async def scenario() -> None:
+        async with harness(api_url, redis_url) as h:
+            options = command_options(h.fake)
+            assert choices(options["queue"]) == ["big", "gpu"]
+            assert choices(options["accelerator"]) == ["auto", "cpu", "gpu"]
+            assert (options["devices"]["min_value"], options["devices"]["max_value"]) == (1, 64)
+            ahead = submit(h.api, OTHER_USER, accelerator="gpu")
+            reply = await h.use("train_model", corpus_name="notes.txt", accelerator="gpu", devices=1)
+            run_id = reply.split("`")[1]
+            assert [(task.args[0], task.queue) for task in dispatched.tasks] == [
+                (ahead, "gpu"),
+                (run_id, "gpu"),
+            ]
+            fields = h.fake.sent_embeds()[-1]["fields"]
+            assert isinstance(fields, list)
+            assert {"name": "Queue", "value": "gpu: 1 run ahead of yours", "inline": True} in fields
+            status = await h.use("train_status", run_id=run_id)
+            assert ", 1 run ahead of yours on queue `gpu`" in status
+            assert (await h.use("train_model", corpus_name="notes.txt", queue="big")).startswith(
+                "Training queued"
+            )
+            assert dispatched.tasks[-1].queue == "big"
+
+    asyncio.run(scenario())
+
+
+def command_options(fake: FakeDiscord) -> dict[str, dict[str, object]]:
+    """/train_model's options as the bot registered them, by name."""
+    listed = fake.commands["train_model"]["options"]
+    assert isinstance(listed, list)
+    return {str(option["name"]): option for option in listed}
+
+
+def choices(option: dict[str, object]) -> list[object]:
+    listed = option["choices"]
+    assert isinstance(listed, list)
+    return [choice["value"] for choice in listed]
+
+
+def test_with_no_live_queue_at_start_up_the_bot_offers_the_training_queue(
+    api_url: str, redis_url: str
+) -> None:
+    async def scenario() -> None:
+        async with harness(api_url, redis_url) as h:
+            options = command_options(h.fake)
+            assert choices(options["queue"]) == ["training"]
 
     asyncio.run(scenario())

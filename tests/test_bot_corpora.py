@@ -8,11 +8,11 @@ from collections.abc import Iterator
 import pytest
 import redis
 
-from schemas.settings import Settings
 from tests.bot_support import USER, serve_api
 from tests.conftest import DispatchRecorder
 from tests.test_bot_commands import harness
-from trainer_bot.client import ApiError, TrainerClient
+from trainer_client.client import ApiError, TrainerClient
+from trainer_store.settings import Settings
 
 CORPUS = b"the cat sat on the mat.\n" * 40
 
@@ -39,10 +39,10 @@ def test_a_run_without_artifacts_has_no_loss_curve(api_url: str) -> None:
 
 
 def test_train_model_uploads_an_attachment_or_finds_a_corpus_by_name(
-    api_url: str, dispatched: DispatchRecorder
+    api_url: str, redis_url: str, dispatched: DispatchRecorder
 ) -> None:
     async def scenario() -> None:
-        async with harness(api_url) as h:
+        async with harness(api_url, redis_url) as h:
             h.fake.cdn["stories.txt"] = CORPUS
             attachment = {
                 "id": "9",
@@ -57,7 +57,6 @@ def test_train_model_uploads_an_attachment_or_finds_a_corpus_by_name(
             run_id = reply.split("`")[1]
             assert h.api.run(run_id).user_id == USER
             for name in ("stories.txt", "notes.txt"):  # an uploaded corpus; a file in the corpus root
-                h.clock.advance(10)
                 assert (await h.use("train_model", corpus_name=name)).startswith("Training queued")
             assert len(dispatched.sent) == 3
 

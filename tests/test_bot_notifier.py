@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 from collections.abc import Awaitable, Callable
 
 import nextcord
@@ -16,6 +17,7 @@ from tests.fake_discord import (
     RATE_LIMITED_HEADERS,
     FakeDiscord,
     Scripted,
+    buttons_of,
     dm_channel_id,
     fake_discord,
     field_values,
@@ -23,9 +25,11 @@ from tests.fake_discord import (
 )
 from trainer_bot import embeds
 from trainer_bot.app import connect_redis
-from trainer_bot.embeds import DirectMessage
+from trainer_bot.embeds import DirectMessage, Download
+from trainer_bot.live import LiveMessages, run_state_key
 from trainer_bot.notifier import ATTEMPTS_KEY, GROUP, PARKED_STREAM, Notifier, NotifierSettings, sent_key
 from trainer_bot.sinks import ConsoleSink, DiscordSink
+from trainer_store.metrics import METRICS_KEY
 
 SETTINGS = NotifierSettings(consumer="bot-1", block_ms=1, recover_interval_s=3600, max_attempts=3)
 
@@ -64,15 +68,22 @@ def run_with(redis_url: str, scenario: Scenario, settings: NotifierSettings = SE
     asyncio.run(main())
 
 
-def test_each_event_type_becomes_one_dm_with_its_embed(redis_url: str, redis_client: redis.Redis) -> None:
+def test_a_runs_events_edit_its_live_message_and_its_end_is_one_dm(
+    redis_url: str, redis_client: redis.Redis
+) -> None:
     run = Publisher(redis_client)
     other = Publisher(redis_client)
     canceled = Publisher(redis_client)
-    settings = NotifierSettings(
-        consumer="bot-1", block_ms=1, recover_interval_s=3600, public_api_url="https://trainer.example"
-    )
 
-    async def scenario(fake: FakeDiscord, notifier: Notifier, clock: FakeClock) -> None:
+    async def download(run_id: str) -> Download | None:
+        return Download(
+            f"https://trainer.example/runs/{run_id}/model.zip?expires=9&signature=s", 1_800_000_000
+        )
+
+    async def scenario(fake: FakeDiscord, _: Notifier, clock: FakeClock) -> None:
+        notifier = Notifier(
+            connect_redis(redis_url), DiscordSink(CLIENTS[0]), curve, SETTINGS, download=download, clock=clock
+        )
         run.started()
         run.progress(50)
         run.completed()
@@ -83,38 +94,50 @@ def test_each_event_type_becomes_one_dm_with_its_embed(redis_url: str, redis_cli
         assert len(fake.of("POST", "/users/@me/channels")) == 1, "the DM channel is asked for once"
         assert fake.of("POST", "/users/@me/channels")[0].body == {"recipient_id": USER}
         titles = [embed["title"] for embed in fake.sent_embeds()]
-        assert titles == [
-            "Training started",
-            "Training in progress",
-            "Training completed",
-            "Training failed",
-            "Training canceled",
-        ]
-        started, progress, completed, failed, canceled_embed = fake.sent_embeds()
+        assert titles == ["Training started", "Training completed", "Training failed", "Training canceled"]
+        live_id = min(fake.messages)
+        started, completed, failed, canceled_embed = fake.sent_embeds()
         assert field_values(started)["Resources"] == "2 CPU cores, 4,096 MB memory, 2 threads"
         assert field_values(started)["Epochs"] == "2"
         assert "gpt2 tiny" in str(started["description"])
-        values = field_values(progress)
+        # The progress waited for the edit interval; the end writes it at once, marked ended.
+        [edit] = fake.of("PATCH", f"/messages/{live_id}")
+        ended = first_embed(edit)
+        values = field_values(ended)
         assert (values["Epoch"], values["Step"], values["Loss"]) == ("1/2", "50", "3.5000")
         assert (values["Tokens/s"], values["ETA"]) == ("8,912", "30s")
         # 50 s done of 80 s in all: the bar shows 62 %.
-        assert "62%" in str(progress["description"])
+        assert "62%" in str(ended["description"])
+        assert ended["title"] == "Training completed"
+        assert buttons_of(edit) == [("Cancel", f"trainer:cancel:{run.run_id}", True)]
         values = field_values(completed)
         assert values["Perplexity"] == "9.49"
         assert values["Parameters"] == "1,461,760"
         assert values["Duration"] == "2m 05s"
         assert "the cat sat on the mat" in values["Sample"]
-        assert values["Download"] == f"[model files](https://trainer.example/runs/{run.run_id}/artifact)"
+        assert values["Download"] == (
+            f"[model.zip](https://trainer.example/runs/{run.run_id}/model.zip?expires=9&signature=s), "
+            "works until <t:1800000000:f>"
+        )
         assert completed["image"] == {"url": "attachment://loss_curve.png"}
-        with_file = fake.of("POST", "/messages")[2]
+        with_file = fake.of("POST", "/messages")[1]
         assert with_file.files == {"loss_curve.png": PNG}
+        assert [label for label, _, _ in buttons_of(with_file)] == ["Train again"]
         assert "on our side" in str(failed["description"])
         assert "too small" in field_values(failed)["Message"]
         assert canceled_embed["colour" if "colour" in canceled_embed else "color"] != failed.get("color")
         assert "canceled" in str(canceled_embed["description"])
+        # Runs whose live message this bot never made get no message just to say they ended.
+        assert len(fake.of("PATCH", "/messages/")) == 1
         assert pending(redis_client) == 0
+        # Counted for /metrics: the four one-off DMs (the progress message is edited in place).
+        assert redis_client.hget(METRICS_KEY, "bot_dms_sent") == b"4"
 
-    run_with(redis_url, scenario, settings)
+    run_with(redis_url, scenario)
+
+
+async def curve(run_id: str) -> bytes | None:
+    return PNG
 
 
 def test_progress_is_one_message_edited_at_most_once_per_interval(
@@ -153,6 +176,54 @@ def test_progress_is_one_message_edited_at_most_once_per_interval(
         assert len(edits) == 2
         assert field_values(first_embed(edits[1]))["Step"] == "50"
         assert pending(redis_client) == 0
+
+    run_with(redis_url, scenario)
+
+
+def test_a_start_that_beats_the_queuing_command_and_has_no_time_keeps_one_live_message(
+    redis_url: str, redis_client: redis.Redis
+) -> None:
+    run = Publisher(redis_client)
+
+    async def scenario(fake: FakeDiscord, _: Notifier, clock: FakeClock) -> None:
+        sink = DiscordSink(CLIENTS[0])
+        live = LiveMessages(connect_redis(redis_url), sink)
+        notifier = Notifier(connect_redis(redis_url), sink, curve, SETTINGS, clock=clock, live=live)
+        # The worker starts the run before the command that queued it writes its message, and sends
+        # no `ts` (optional on the v1 wire): the run is followed all the same.
+        run.send(
+            TrainStarted(
+                request_id=run.run_id,
+                run_id=run.run_id,
+                user_id=USER,
+                model_family="gpt2",
+                model_size="tiny",
+                total_epochs=2,
+                queue="training",
+            )
+        )
+        await notifier.step()
+        assert redis_client.hexists(run_state_key(run.run_id), "started_ts") is False
+        queued = embeds.queued(embeds.QueuedRun(run.run_id, "gpt2", "tiny", 2, 8, 1e-3, corpus="notes.txt"))
+        await live.open(USER, run.run_id, queued, test_split=True)
+        assert [embed["title"] for embed in fake.sent_embeds()] == ["Training started"]
+        assert fake.of("PATCH", "/messages/") == [], "the queued state never overwrites a started run"
+
+        run.progress(150, eta_s=30.0)  # epoch 2 of 2, 150 s after a start nobody timed
+        clock.advance(10.0)
+        await notifier.step()
+        [edit] = fake.of("PATCH", f"/messages/{min(fake.messages)}")
+        # Without a start time the bar shows finished epochs (1 of 2), not elapsed over total time.
+        assert "50%" in str(first_embed(edit)["description"])
+        assert field_values(first_embed(edit))["ETA"] == "30s"
+
+        run.completed()
+        await notifier.step()
+        titles = [embed["title"] for embed in fake.sent_embeds()]
+        assert titles == ["Training started", "Training completed"]
+        # The command's word that the run kept a test split survived the message it did not send.
+        done = fake.of("POST", "/messages")[-1]
+        assert [label for label, _, _ in buttons_of(done)] == ["Evaluate on test split", "Train again"]
 
     run_with(redis_url, scenario)
 
@@ -200,7 +271,7 @@ def test_a_dm_recorded_as_sent_is_not_sent_again(redis_url: str, redis_client: r
     run = Publisher(redis_client)
 
     async def scenario(fake: FakeDiscord, notifier: Notifier, clock: FakeClock) -> None:
-        event = run.started()
+        event = run.completed()
         assert event.event_id is not None
         redis_client.set(sent_key(event.event_id), "1")
         await notifier.step()
@@ -229,6 +300,7 @@ def test_closed_dms_are_logged_and_acknowledged_not_retried(
         assert len(fake.of("POST", "/messages")) == 1
         assert pending(redis_client) == 0
         assert "does not accept direct messages" in caplog.text
+        assert redis_client.hmget(METRICS_KEY, ["bot_dms_refused", "bot_dms_sent"]) == [b"1", None]
 
     run_with(redis_url, scenario, settings)
 
@@ -291,6 +363,7 @@ def test_an_event_that_keeps_failing_stays_pending_then_is_parked(
         assert entry.event_id in fields["event"]
         assert "Invalid Form" in fields["reason"]
         assert not redis_client.hexists(ATTEMPTS_KEY, fields["entry_id"])
+        assert redis_client.hmget(METRICS_KEY, ["bot_dms_parked", "bot_dms_sent"]) == [b"1", b"1"]
 
     run_with(redis_url, scenario, settings)
 
@@ -444,7 +517,7 @@ def test_the_console_shows_edits_and_attachments() -> None:
     completed = TrainCompleted(
         request_id=run_id, run_id=run_id, user_id=USER, loss=2.0, perplexity=7.39, artifact_path="/a"
     )
-    bare = embeds.completed(completed, loss_curve=None, download_url=None)
+    bare = embeds.completed(completed, loss_curve=None, download=None)
     assert field_values(dict(bare.embed.to_dict().items())) == {
         "Validation loss": "2.0000",
         "Perplexity": "7.39",
@@ -463,11 +536,13 @@ def test_the_console_shows_edits_and_attachments() -> None:
         "Epochs": "1",
         "Queue": "q",
     }
+    taken = dataclasses.replace(started, worker="gpu@box-1")
+    assert field_values(dict(embeds.started(taken).embed.to_dict().items()))["Worker"] == "gpu@box-1"
 
     async def main() -> None:
-        sent = await sink.send(USER, embeds.completed(completed, loss_curve=PNG, download_url=None))
+        sent = await sink.send(USER, embeds.completed(completed, loss_curve=PNG, download=None))
         await sink.edit(sent, DirectMessage(nextcord.Embed(title="Plain")))
 
     asyncio.run(main())
-    assert printed[0].endswith(f"[attached loss_curve.png, {len(PNG)} bytes]")
+    assert printed[0].endswith(f"[attached loss_curve.png, {len(PNG)} bytes]\n[Train again]")
     assert printed[1] == f"--- DM to user {USER} (message 1, edited) ---\n# Plain"

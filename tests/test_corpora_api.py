@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import time
 from dataclasses import replace
 from pathlib import Path
 
@@ -12,8 +13,6 @@ import redis
 from flask.testing import FlaskClient
 from werkzeug.test import TestResponse
 
-from schemas.corpora import UPLOADS_FOLDER, CorpusStore
-from schemas.settings import Settings
 from scripts.devstack import free_port
 from tests.conftest import DispatchRecorder
 from tests.test_api import (
@@ -28,6 +27,10 @@ from tests.test_api import (
 )
 from trainer_api import create_app
 from trainer_api.corpora import CHUNK_BYTES, store_upload
+from trainer_store.corpora import UPLOADS_FOLDER, CorpusRecord, CorpusStore
+from trainer_store.runs import RunStore
+from trainer_store.settings import Settings
+from trainer_store.storage import Storage
 
 EXACTLY_ONE = ["give exactly one of corpus_id and corpus_path"]
 
@@ -75,7 +78,7 @@ def test_upload_answers_201_and_stores_the_exact_bytes(
     assert uploads(corpus_root) == [f"{corpus_id}.txt"]
     record = CorpusStore(redis_client).get(corpus_id)
     assert record is not None
-    assert record.path == str(stored.resolve())
+    assert record.path == f"uploads/{corpus_id}.txt"  # a key under the corpus root, not a local path
     assert (record.name, record.bytes, record.lines) == ("poems.txt", 15, 3)
 
 
@@ -319,11 +322,86 @@ class BrokenStream(io.BytesIO):
         return b"partial text\n"
 
 
-def test_a_copy_that_fails_midway_leaves_neither_name(tmp_path: Path) -> None:
-    folder = tmp_path / "uploads"
+def test_a_copy_that_fails_midway_leaves_nothing_in_the_store(tmp_path: Path) -> None:
+    storage = Storage(str(tmp_path / "root"))
     with pytest.raises(OSError, match="connection reset"):
-        store_upload(BrokenStream(), folder, "abc", limit=1000)
-    assert list(folder.iterdir()) == []
+        store_upload(BrokenStream(), storage, "uploads/abc.txt", limit=1000)
+    assert not (tmp_path / "root").exists()
+
+
+@pytest.fixture
+def s3_corpora(settings: Settings, s3_bucket: str, redis_client: redis.Redis) -> tuple[FlaskClient, Storage]:
+    """The API with its corpus root in an object store."""
+    app, _ = app_with(replace(settings, corpus_root=f"{s3_bucket}/corpora"))
+    return app.test_client(), Storage(f"{s3_bucket}/corpora")
+
+
+def test_an_upload_to_an_object_store_is_used_and_deleted_there(
+    s3_corpora: tuple[FlaskClient, Storage], redis_client: redis.Redis
+) -> None:
+    client, storage = s3_corpora
+    corpus_id = uploaded_id(client, b"the cat sat\n")
+    assert storage.read_bytes(f"uploads/{corpus_id}.txt") == b"the cat sat\n"
+    response = submit(client, {"corpus_id": corpus_id, "user_id": SNOWFLAKE})
+    run_id = str(json_of(response)["run_id"])
+    assert stored_request(redis_client, run_id)["corpus_path"] == f"uploads/{corpus_id}.txt"
+    # A queued run still needs the file; once it has ended the corpus goes, from the store too.
+    assert client.delete(f"/corpora/{corpus_id}").status_code == 409
+    assert storage.exists(f"uploads/{corpus_id}.txt")
+    store = RunStore(redis_client)
+    assert store.claim(run_id, "worker", 60, time.time())
+    assert store.finish(run_id, "completed", "completed", time.time())
+    assert client.delete(f"/corpora/{corpus_id}").status_code == 204
+    assert not storage.exists(f"uploads/{corpus_id}.txt")
+
+
+def test_an_upload_the_store_refuses_is_503_and_leaves_no_record(
+    settings: Settings, redis_client: redis.Redis, s3_env: dict[str, str]
+) -> None:
+    app, _ = app_with(replace(settings, corpus_root="s3://no-such-bucket-here/corpora"))
+    client = app.test_client()
+    assert_envelope(upload(client, b"text\n"), 503, "SERVICE_UNAVAILABLE")
+    assert CorpusStore(redis_client).list() == []
+
+
+def test_an_upload_with_credentials_the_store_refuses_is_503_and_leaves_no_record(
+    settings: Settings, redis_client: redis.Redis, wrong_credentials: str
+) -> None:
+    app, _ = app_with(replace(settings, corpus_root="s3://refused/corpora", store_timeout_s=2))
+    body = assert_envelope(upload(app.test_client(), b"text\n"), 503, "SERVICE_UNAVAILABLE")
+    assert wrong_credentials not in str(body["message"])  # where the store is goes to the log only
+    assert CorpusStore(redis_client).list() == []
+
+
+def test_a_record_that_cannot_be_written_takes_the_stored_file_with_it(
+    settings: Settings, s3_bucket: str, redis_client: redis.Redis, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    on_s3 = replace(
+        settings, corpus_root=f"{s3_bucket}/corpora", redis_url=f"redis://127.0.0.1:{free_port()}/0"
+    )
+    client = create_app(on_s3, dispatch=DispatchRecorder()).test_client()
+    assert_envelope(upload(client, b"text\n"), 503, "SERVICE_UNAVAILABLE")
+    assert Storage(f"{s3_bucket}/corpora").files("uploads") == []
+
+
+def test_a_record_from_before_keys_still_names_its_file_on_a_local_root(
+    client: FlaskClient, redis_client: redis.Redis, corpus_root: Path
+) -> None:
+    """Records written when a corpus's path was the API machine's absolute path keep working."""
+    (corpus_root / UPLOADS_FOLDER).mkdir()
+    legacy = corpus_root / UPLOADS_FOLDER / "old.txt"
+    legacy.write_text("older text\n")
+    CorpusStore(redis_client).add(
+        CorpusRecord(corpus_id="old", name="old.txt", bytes=11, lines=1, created_at=1.0, path=str(legacy))
+    )
+    response = submit(client, {"corpus_id": "old", "user_id": SNOWFLAKE})
+    run_id = str(json_of(response)["run_id"])
+    assert stored_request(redis_client, run_id)["corpus_path"] == "uploads/old.txt"
+    store = RunStore(redis_client)
+    assert store.claim(run_id, "worker", 60, time.time())
+    assert store.finish(run_id, "completed", "completed", time.time())
+    assert client.delete("/corpora/old").status_code == 204
+    assert not legacy.exists()
 
 
 # ------------------------------------------------------------------------------ naming a corpus in runs
@@ -337,7 +415,7 @@ def test_a_run_on_an_uploaded_corpus_stores_its_id_and_resolved_file(
     assert response.status_code == 202
     stored = stored_request(redis_client, json_of(response)["run_id"])
     assert stored["corpus_id"] == corpus_id
-    assert stored["corpus_path"] == str((corpus_root / UPLOADS_FOLDER / f"{corpus_id}.txt").resolve())
+    assert stored["corpus_path"] == f"uploads/{corpus_id}.txt"
     assert len(dispatched.sent) == 1
 
 

@@ -80,3 +80,13 @@ def test_procfile_lines_are_read_by_name() -> None:
     assert devstack.procfile_command("bot") == "python -m trainer_bot"
     with pytest.raises(KeyError, match="no 'nope' line"):
         devstack.procfile_command("nope")
+
+
+def test_the_object_store_needs_the_test_extra(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.setattr(sys, "executable", str(tmp_path / "bin" / "python"))
+    with pytest.raises(RuntimeError, match=r"install the test extra \(moto\[server\]\)"):
+        devstack.start_object_store(tmp_path)
+
+
+def test_nothing_listening_is_no_http_server() -> None:
+    assert not devstack.http_answers(f"http://127.0.0.1:{devstack.free_port()}")

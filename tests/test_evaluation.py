@@ -11,7 +11,10 @@ import torch
 from transformers import GPT2Config, GPT2LMHeadModel
 from transformers.modeling_outputs import CausalLMOutputWithCrossAttentions
 
-from schemas.jobs import JobStore, evaluation_key
+from trainer_store.cache import FileCache
+from trainer_store.jobs import JobStore, evaluation_key
+from trainer_store.layout import FileStores
+from trainer_store.storage import Storage
 from trainer_tasks import tasks
 from trainer_tasks.errors import UserError
 from trainer_tasks.evaluation import EVAL_BATCH_SIZE, evaluate
@@ -20,6 +23,16 @@ VOCAB = 50
 SEQ_LEN = 12
 # More than one batch, the last one short: a mean of batch means would weigh its blocks wrongly.
 BLOCKS = EVAL_BATCH_SIZE + 4
+# Where the worker leaves them for run-1, under local artifacts and runs roots in tmp_path.
+MODEL = "artifacts/models/run-1"
+SPLITS = "runs/run-1/splits"
+
+
+def local(root: Path) -> tuple[FileStores, FileCache]:
+    files = FileStores(
+        Storage(str(root / "corpora")), Storage(str(root / "artifacts")), Storage(str(root / "runs"))
+    )
+    return files, FileCache(root / "cache", 10**9)
 
 
 def save_model(folder: Path) -> GPT2LMHeadModel:
@@ -55,10 +68,10 @@ def per_block_mean(model: GPT2LMHeadModel, split: torch.Tensor) -> float:
 
 
 def test_the_loss_is_the_mean_over_blocks(tmp_path: Path) -> None:
-    model = save_model(tmp_path / "model")
+    model = save_model(tmp_path / MODEL)
     split = blocks()
-    save_split(tmp_path / "splits", "validation", split)
-    result = evaluate(tmp_path / "model", tmp_path / "splits", "validation")
+    save_split(tmp_path / SPLITS, "validation", split)
+    result = evaluate(*local(tmp_path), "run-1", "validation")
     expected = per_block_mean(model, split)
     assert result["split"] == "validation"
     loss = result["loss"]
@@ -76,31 +89,49 @@ def test_the_loss_is_the_mean_over_blocks(tmp_path: Path) -> None:
 
 
 def test_a_missing_split_is_the_users(tmp_path: Path) -> None:
-    save_model(tmp_path / "model")
-    save_split(tmp_path / "splits", "validation", blocks())
+    save_model(tmp_path / MODEL)
+    save_split(tmp_path / SPLITS, "validation", blocks())
     with pytest.raises(UserError, match="the run has no test split to evaluate"):
-        evaluate(tmp_path / "model", tmp_path / "splits", "test")
+        evaluate(*local(tmp_path), "run-1", "test")
 
 
 def test_a_split_file_without_token_blocks_is_a_type_error(tmp_path: Path) -> None:
-    save_model(tmp_path / "model")
-    save_split(tmp_path / "splits", "test", {"not": "a tensor"})
+    save_model(tmp_path / MODEL)
+    save_split(tmp_path / SPLITS, "test", {"not": "a tensor"})
     with pytest.raises(TypeError, match=r"test\.pt holds no token blocks"):
-        evaluate(tmp_path / "model", tmp_path / "splits", "test")
+        evaluate(*local(tmp_path), "run-1", "test")
 
 
 def test_a_model_that_returns_no_loss_is_a_type_error(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    save_model(tmp_path / "model")
-    save_split(tmp_path / "splits", "validation", blocks())
+    save_model(tmp_path / MODEL)
+    save_split(tmp_path / SPLITS, "validation", blocks())
 
     def no_loss(self: GPT2LMHeadModel, **inputs: torch.Tensor) -> CausalLMOutputWithCrossAttentions:
         return CausalLMOutputWithCrossAttentions(loss=None, logits=torch.zeros((1, SEQ_LEN, VOCAB)))
 
     monkeypatch.setattr(GPT2LMHeadModel, "forward", no_loss)
     with pytest.raises(TypeError, match="the model returned no loss"):
-        evaluate(tmp_path / "model", tmp_path / "splits", "validation")
+        evaluate(*local(tmp_path), "run-1", "validation")
+
+
+def test_a_run_in_an_object_store_is_evaluated_from_its_cached_files(tmp_path: Path, s3_bucket: str) -> None:
+    model = save_model(tmp_path / MODEL)
+    split = blocks(seed=3)
+    save_split(tmp_path / SPLITS, "validation", split)
+    files = FileStores(Storage(f"{s3_bucket}/c"), Storage(f"{s3_bucket}/a"), Storage(f"{s3_bucket}/r"))
+    files.artifacts.upload_folder(tmp_path / MODEL, "models/run-1", last="config.json")
+    files.artifacts.write_bytes("models/run-1/loss_curve.png", b"not needed to evaluate")
+    files.runs.upload(tmp_path / SPLITS / "validation.pt", "run-1/splits/validation.pt")
+    cache = FileCache(tmp_path / "worker-cache", 10**9)
+    result = evaluate(files, cache, "run-1", "validation")
+    assert result["loss"] == pytest.approx(per_block_mean(model, split), rel=1e-5)
+    # The model's files and the split stay cached for the next evaluation; the scratch folder is gone.
+    assert len(list((tmp_path / "worker-cache" / "objects").iterdir())) == 4
+    assert list((tmp_path / "worker-cache" / "work").iterdir()) == []
+    with pytest.raises(UserError, match="the run has no test split"):
+        evaluate(files, cache, "run-1", "test")
 
 
 # The Celery task, called directly with the worker services of a monkeypatched environment.

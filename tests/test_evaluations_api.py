@@ -9,12 +9,14 @@ import redis
 from flask.testing import FlaskClient
 from werkzeug.test import TestResponse
 
-from schemas.jobs import JobStore, evaluation_key
-from schemas.runs import RunStatus, RunStore
-from schemas.settings import Settings
+from schemas.status import RunStatus
 from tests.conftest import DispatchRecorder
 from tests.test_api import assert_envelope, field_errors, json_of, submit, valid_body
 from trainer_api import create_app
+from trainer_api.services import Task
+from trainer_store.jobs import JobStore, evaluation_key
+from trainer_store.runs import RunStore
+from trainer_store.settings import Settings
 from trainer_tasks.app import EVALUATE_TASK
 
 NO_TEST_SPLIT = {"split": ["the run was trained without a test split (test_fraction 0)"]}
@@ -164,8 +166,8 @@ def test_a_new_evaluation_replaces_a_finished_one(
 def test_a_dispatch_that_fails_marks_the_evaluation_failed(
     settings: Settings, redis_client: redis.Redis, caplog: pytest.LogCaptureFixture
 ) -> None:
-    def dispatch(name: str, args: list[str], task_id: str) -> None:
-        if name == EVALUATE_TASK:
+    def dispatch(task: Task) -> None:
+        if task.name == EVALUATE_TASK:
             raise redis.ConnectionError("broker down")
 
     client = create_app(settings, dispatch=dispatch).test_client()

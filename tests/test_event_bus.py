@@ -19,9 +19,10 @@ from schemas.events import (
     decode_event,
     encode_event,
 )
-from schemas.runs import run_key
 from scripts.devstack import free_port
 from tests.streams import stream_fields
+from trainer_store.metrics import METRICS_KEY
+from trainer_store.runs import run_key
 from trainer_tasks.events import EventBus
 
 SNOWFLAKE = 123456789012345678
@@ -89,6 +90,7 @@ def test_send_appends_to_the_stream_with_field_event(bus: EventBus, redis_client
     assert bus.send(second)
     assert [set(fields) for fields in stream_fields(redis_client, EVENTS_STREAM)] == [{b"event"}, {b"event"}]
     assert [decode_event(payload) for payload in stream_payloads(redis_client)] == [first, second]
+    assert redis_client.hget(METRICS_KEY, "events_published") == b"2", "counted for /metrics"
 
 
 def existing_run(client: redis.Redis, run_id: str) -> None:
@@ -175,6 +177,7 @@ def test_an_event_with_no_json_form_is_not_sent_and_training_goes_on(
         assert bus.send(progress_with_loss(float("nan"))) is False
     assert stream_payloads(redis_client) == []
     assert any("not encodable" in record.message for record in caplog.records)
+    assert redis_client.hget(METRICS_KEY, "events_published") is None
 
 
 def progress_with_loss(loss: float) -> TrainProgress:

@@ -7,6 +7,8 @@ import json
 import pytest
 
 from schemas.events import (
+    EvalCompleted,
+    EvalFailed,
     NotAnEvent,
     TrainCompleted,
     TrainEvent,
@@ -48,6 +50,15 @@ MINIMAL_EVENTS: list[TrainEvent] = [
         message="corpus is empty",
         status="failed",
     ),
+    EvalCompleted(request_id="r1", run_id="r1", user_id=SNOWFLAKE, split="test", loss=2.0, perplexity=7.39),
+    EvalFailed(
+        request_id="r1",
+        run_id="r1",
+        user_id=SNOWFLAKE,
+        split="validation",
+        error_kind="user",
+        message="the run has no validation split to evaluate",
+    ),
 ]
 
 FULL_EVENTS: list[TrainEvent] = [
@@ -68,6 +79,10 @@ FULL_EVENTS: list[TrainEvent] = [
         optimal_workers=2,
         batch_size=16,
         learning_rate=0.001,
+        worker="gpu@box-1",
+        accelerator="gpu",
+        devices=2,
+        torch_threads=4,
     ),
     TrainProgress(
         request_id="r2",
@@ -308,6 +323,10 @@ def test_every_required_field_is_required(event: TrainEvent) -> None:
         (3, "status", "completed", "field 'status' must be 'failed' or 'canceled'"),
         (3, "status", "cancelled", "field 'status' must be 'failed' or 'canceled'"),
         (3, "message", None, "field 'message' must be a string"),
+        (4, "split", "train", "field 'split' must be 'validation' or 'test'"),
+        (4, "loss", "2", "field 'loss' must be a number"),
+        (5, "split", None, "field 'split' must be a string"),
+        (5, "error_kind", "fatal", "field 'error_kind' must be 'user' or 'system'"),
     ],
 )
 def test_wrong_types(index: int, field: str, value: object, expected: str) -> None:

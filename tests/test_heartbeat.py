@@ -12,8 +12,8 @@ import redis
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
-from schemas.runs import RunRecord, RunStore, lease_key, run_key
 from scripts.devstack import free_port
+from trainer_store.runs import RunRecord, RunStore, lease_key, run_key
 from trainer_tasks.heartbeat import Heartbeat
 
 RUN_ID = "run-1"

@@ -1,4 +1,4 @@
-"""trainer_tasks.jobs.run_job and schemas.jobs.JobStore against the real Redis."""
+"""trainer_tasks.jobs.run_job and trainer_store.jobs.JobStore against the real Redis."""
 
 from __future__ import annotations
 
@@ -7,14 +7,16 @@ import logging
 import pytest
 import redis
 
-from schemas.jobs import (
+from schemas.status import JobStatus
+from scripts.devstack import free_port
+from trainer_store.jobs import (
     FINISHED_JOB_TTL_S,
     JobRecord,
-    JobStatus,
     JobStore,
     evaluation_key,
     tokenizer_key,
 )
+from trainer_store.storage import Storage
 from trainer_tasks.errors import UserError
 from trainer_tasks.jobs import run_job
 
@@ -167,3 +169,21 @@ def test_run_job_fails_any_other_error_naming_its_type_but_not_its_text(
     [logged] = caplog.records
     assert logged.getMessage() == f"job {KEY} failed"
     assert logged.exc_info is not None
+
+
+def test_run_job_fails_a_store_that_does_not_answer_naming_the_store(
+    jobs: JobStore, s3_env: dict[str, str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    endpoint = f"http://127.0.0.1:{free_port()}"  # nothing listens there
+    monkeypatch.setenv("AWS_ENDPOINT_URL", endpoint)
+    storage = Storage("s3://corpora-bucket/prefix", timeout_s=1)
+    jobs.create(KEY, REQUEST, now=5.0)
+
+    def read_corpus(request: dict[str, object]) -> dict[str, object]:
+        return {"bytes": len(storage.read_bytes("uploads/c1.txt"))}
+
+    assert run_job(jobs, KEY, read_corpus) == "failed"
+    record = record_of(jobs)
+    assert record.message.startswith(
+        f"the job could not use the object store s3://corpora-bucket/prefix at {endpoint}: "
+    )

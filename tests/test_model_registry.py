@@ -19,7 +19,6 @@ from schemas.models import (
     ModelFamily,
     load_families,
 )
-from schemas.settings import Settings
 from trainer_tasks.model import build_model
 
 PLUGIN_MODULES = ("fake_family_plugin", "fake_family_broken")
@@ -90,9 +89,3 @@ def test_an_installed_family_builds_in_the_worker(installed: Path, monkeypatch: 
     monkeypatch.setitem(FAMILIES, "pico", pico)
     model = build_model("pico", "xs", vocab_size=60, max_seq_len=16)
     assert (model.config.n_layer, model.config.n_embd, model.config.n_positions) == (1, 8, 16)
-
-
-def test_tokenizer_dir_is_under_the_artifacts_root(tmp_path: Path) -> None:
-    settings = Settings(artifacts_root=tmp_path / "artifacts")
-    assert settings.tokenizer_dir("tok-1") == tmp_path / "artifacts" / "tokenizers" / "tok-1"
-    assert settings.model_dir("run-1") == tmp_path / "artifacts" / "models" / "run-1"

@@ -14,6 +14,8 @@ HEAVY = ("torch", "lightning", "transformers")
     "module",
     [
         "trainer_api",
+        "trainer_store.storage",
+        "trainer_client.client",
         "trainer_tasks.app",
         "trainer_tasks.tasks",
         "trainer_bot",

@@ -18,9 +18,10 @@ from schemas.events import (
     TrainProgress,
     TrainStarted,
 )
-from schemas.runs import RunRecord, RunStatus, RunStore, run_key
+from schemas.status import RunStatus
 from scripts.devstack import free_port
 from tests.streams import sent_events
+from trainer_store.runs import RunRecord, RunStore, run_key
 from trainer_tasks.errors import RunCanceled, UserError
 from trainer_tasks.events import EventBus
 from trainer_tasks.reporting import RunReporter

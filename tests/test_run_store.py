@@ -1,4 +1,4 @@
-"""schemas.runs.RunStore against the real Redis: records, leases, heartbeats and checked transitions."""
+"""trainer_store.runs.RunStore against the real Redis: records, leases, heartbeats and checked transitions."""
 
 from __future__ import annotations
 
@@ -8,17 +8,17 @@ from redis.backoff import NoBackoff
 from redis.retry import Retry
 from redis.typing import EncodableT, FieldT
 
-from schemas.runs import (
+from schemas.status import RunStatus
+from scripts.devstack import free_port
+from trainer_store.runs import (
     FINISHED_RUN_TTL_S,
     USER_INDEX_MAX,
     RunRecord,
-    RunStatus,
     RunStore,
     lease_key,
     run_key,
     user_runs_key,
 )
-from scripts.devstack import free_port
 
 SNOWFLAKE = 123456789012345678
 NOW = 1700000000.25

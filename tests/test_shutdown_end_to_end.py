@@ -14,10 +14,10 @@ from celery import Celery
 
 from schemas.api import TrainRequest
 from schemas.events import TrainProgress
-from schemas.runs import RunRecord, RunStore
 from scripts import corpus, devstack
 from tests.conftest import Stack
 from tests.streams import sent_events
+from trainer_store.runs import RunRecord, RunStore
 from trainer_tasks.app import TRAIN_TASK
 
 
@@ -50,9 +50,9 @@ def test_sigterm_to_the_worker_requeues_the_run_and_the_next_worker_resumes_it(
     env = {
         **stack.env,
         "REDIS_URL": url,
+        "APP__CORPUS_ROOT": str(tmp_path),
         "APP__ARTIFACTS_ROOT": str(tmp_path / "artifacts"),
         "APP__RUNS_ROOT": str(tmp_path / "runs"),
-        "APP__LOGS_ROOT": str(tmp_path / "run-logs"),
         "WORKER_SOFT_SHUTDOWN_TIMEOUT_S": "2",
     }
     request = TrainRequest(
@@ -62,7 +62,7 @@ def test_sigterm_to_the_worker_requeues_the_run_and_the_next_worker_resumes_it(
         num_epochs=20,
         batch_size=8,
         learning_rate=1e-3,
-        corpus_path=str(corpus.write(tmp_path / "stories.txt", 3000, seed=5)),
+        corpus_path=corpus.write(tmp_path / "stories.txt", 3000, seed=5).name,
         tokenizer_id="auto",
         user_id=7,
         seed=1,

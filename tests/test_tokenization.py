@@ -9,8 +9,11 @@ import pytest
 import redis
 from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
-from schemas.jobs import JobStore, tokenizer_key
 from scripts import corpus
+from trainer_store.cache import FileCache
+from trainer_store.jobs import JobStore, tokenizer_key
+from trainer_store.layout import FileStores
+from trainer_store.storage import Storage
 from trainer_tasks import tasks
 from trainer_tasks.errors import UserError
 from trainer_tasks.tokenization import (
@@ -99,16 +102,16 @@ def test_train_from_request_trains_on_the_head_and_measures_the_tail(
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     text = corpus.generate(80, seed=4)
     path = corpus_file(tmp_path, text)
-    folder = tmp_path / "tokenizers" / "tok-1"
+    folder = tmp_path / "artifacts" / "tokenizers" / "tok-1"
     request: dict[str, object] = {
-        "corpus_path": str(path),
+        "corpus_path": path.name,
         "vocab_size": 350,
         "min_frequency": 2,
         "holdout_fraction": 0.25,
     }
-    result = train_from_request(request, folder)
+    result = train_from_request(request, *local(tmp_path), "tok-1")
     assert sorted(path.name for path in folder.iterdir()) == ["tokenizer.json", "tokenizer_config.json"]
-    assert result["artifact_path"] == str(folder.resolve())
+    assert result["artifact_path"] == str(folder)
     # The same tokenizer, measured on the same held-out tail, gives the same figures.
     cut = int(len(text) * 0.75)
     expected = measure(train_tokenizer(text[:cut], 350, 2), text[cut:])
@@ -127,11 +130,31 @@ def test_train_from_request_trains_on_the_head_and_measures_the_tail(
 
 def test_train_from_request_uses_the_defaults(tmp_path: Path) -> None:
     path = corpus_file(tmp_path, corpus.generate(30, seed=5))
-    result = train_from_request({"corpus_path": str(path)}, tmp_path / "tok")
+    result = train_from_request({"corpus_path": str(path)}, *local(tmp_path), "tok")
     vocab_size = result["vocab_size"]
     assert isinstance(vocab_size, int)
     assert 256 < vocab_size <= 8192
-    assert (tmp_path / "tok" / "tokenizer.json").is_file()
+    assert (tmp_path / "artifacts" / "tokenizers" / "tok" / "tokenizer.json").is_file()
+
+
+def test_a_tokenizer_trained_from_an_object_store_lands_there(tmp_path: Path, s3_bucket: str) -> None:
+    files = FileStores(Storage(f"{s3_bucket}/c"), Storage(f"{s3_bucket}/a"), Storage(f"{s3_bucket}/r"))
+    files.corpora.write_bytes("uploads/c1.txt", corpus.generate(30, seed=5).encode())
+    result = train_from_request(
+        {"corpus_path": "uploads/c1.txt", "vocab_size": 300}, files, FileCache(tmp_path, 10**9), "tok-9"
+    )
+    assert result["artifact_path"] == f"{s3_bucket}/a/tokenizers/tok-9"
+    names = [found.name for found in files.artifacts.files("tokenizers/tok-9")]
+    assert names == ["tokenizer.json", "tokenizer_config.json"]
+    assert list((tmp_path / "work").iterdir()) == []
+    with pytest.raises(UserError, match="no longer exists"):
+        train_from_request({"corpus_path": "uploads/gone.txt"}, files, FileCache(tmp_path, 10**9), "tok-10")
+
+
+def local(root: Path) -> tuple[FileStores, FileCache]:
+    """Local roots: the corpus root is `root` itself."""
+    files = FileStores(Storage(str(root)), Storage(str(root / "artifacts")), Storage(str(root / "runs")))
+    return files, FileCache(root / "cache", 10**9)
 
 
 def corpus_file(root: Path, text: str) -> Path:
@@ -152,13 +175,13 @@ def corpus_file(root: Path, text: str) -> Path:
 )
 def test_a_malformed_request_is_a_type_error(request_fields: dict[str, object], tmp_path: Path) -> None:
     with pytest.raises(TypeError, match="malformed tokenizer request"):
-        train_from_request(request_fields, tmp_path / "tok")
-    assert not (tmp_path / "tok").exists()
+        train_from_request(request_fields, *local(tmp_path), "tok")
+    assert not (tmp_path / "artifacts").exists()
 
 
 def test_train_from_request_of_a_missing_corpus_is_the_users(tmp_path: Path) -> None:
     with pytest.raises(UserError, match="no longer exists"):
-        train_from_request({"corpus_path": str(tmp_path / "gone.txt")}, tmp_path / "tok")
+        train_from_request({"corpus_path": str(tmp_path / "gone.txt")}, *local(tmp_path), "tok")
 
 
 # The Celery task, called directly with the worker services of a monkeypatched environment.
@@ -176,7 +199,7 @@ def test_the_tokenizer_task_trains_into_the_artifacts_root(
     assert record.status == "completed"
     folder = worker_env / "env-artifacts" / "tokenizers" / "tok-7"
     assert record.result is not None
-    assert record.result["artifact_path"] == str(folder.resolve())
+    assert record.result["artifact_path"] == str(folder)
     assert (folder / "tokenizer.json").is_file()
     # A second delivery does nothing.
     assert tasks.train_tokenizer.run("tok-7") == "completed"

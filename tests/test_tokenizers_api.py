@@ -10,9 +10,6 @@ import redis
 from flask.testing import FlaskClient
 from werkzeug.test import TestResponse
 
-from schemas.corpora import UPLOADS_FOLDER
-from schemas.jobs import JobStore, tokenizer_key
-from schemas.settings import Settings
 from tests.conftest import DispatchRecorder
 from tests.test_api import (
     SNOWFLAKE,
@@ -26,6 +23,10 @@ from tests.test_api import (
 )
 from tests.test_corpora_api import EXACTLY_ONE, uploaded_id
 from trainer_api import create_app
+from trainer_api.services import Task
+from trainer_store.corpora import UPLOADS_FOLDER
+from trainer_store.jobs import JobStore, tokenizer_key
+from trainer_store.settings import Settings
 from trainer_tasks.app import TOKENIZER_TASK, TRAIN_TASK
 
 WORKER_RESULT: dict[str, object] = {
@@ -86,7 +87,7 @@ def test_request_answers_202_records_the_job_and_queues_it(
         "vocab_size": 8192,
         "min_frequency": 2,
         "holdout_fraction": 0.1,
-        "corpus_path": str(corpus_root.resolve() / "notes.txt"),
+        "corpus_path": "notes.txt",
         "corpus_id": None,
     }
 
@@ -108,7 +109,7 @@ def test_explicit_values_and_an_uploaded_corpus_are_recorded(
         "vocab_size": 256,
         "min_frequency": 1,
         "holdout_fraction": 0.5,
-        "corpus_path": str((corpus_root / UPLOADS_FOLDER / f"{corpus_id}.txt").resolve()),
+        "corpus_path": f"{UPLOADS_FOLDER}/{corpus_id}.txt",
         "corpus_id": corpus_id,
     }
 
@@ -196,7 +197,7 @@ def test_an_unknown_corpus_id_is_422(
 def test_a_dispatch_that_fails_marks_the_job_failed(
     settings: Settings, redis_client: redis.Redis, caplog: pytest.LogCaptureFixture
 ) -> None:
-    def dispatch(name: str, args: list[str], task_id: str) -> None:
+    def dispatch(task: Task) -> None:
         raise redis.ConnectionError("broker down")
 
     client = create_app(settings, dispatch=dispatch).test_client()
@@ -214,7 +215,7 @@ def test_a_dispatch_that_fails_marks_the_job_failed(
 def test_a_dispatch_that_crashes_is_500_and_the_job_failed(
     settings: Settings, redis_client: redis.Redis
 ) -> None:
-    def dispatch(name: str, args: list[str], task_id: str) -> None:
+    def dispatch(task: Task) -> None:
         raise ValueError("secret detail")
 
     response = request_tokenizer(

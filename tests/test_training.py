@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import csv
 import dataclasses
+import itertools
 import json
+import logging
 import math
+import re
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -13,6 +18,8 @@ import lightning as L
 import pytest
 import redis
 import torch
+from redis.backoff import NoBackoff
+from redis.retry import Retry
 from transformers import (
     AutoModelForCausalLM,
     AutoTokenizer,
@@ -35,12 +42,18 @@ from schemas.events import (
     decode_event,
 )
 from schemas.models import FAMILIES, ModelFamily, ModelShape, gpt2_params, model_shape
-from schemas.runs import RunRecord, RunStore
-from scripts import corpus
-from trainer_tasks import resources, training
+from scripts import corpus, devstack
+from trainer_store import runlog
+from trainer_store.cache import FileCache
+from trainer_store.layout import FileStores, model_folder, run_folder
+from trainer_store.runlog import RunLogWriter
+from trainer_store.runs import RunRecord, RunStore
+from trainer_store.settings import Settings
+from trainer_store.storage import Storage
+from trainer_tasks import distributed, resources, training
 from trainer_tasks.artifacts import MetricsLog, plot_loss_curve
 from trainer_tasks.data import BlockDataset, encode, split_blocks
-from trainer_tasks.errors import LeaseLost, RunCanceled, UserError
+from trainer_tasks.errors import LeaseLost, RunCanceled, TimeLimitReached, UserError
 from trainer_tasks.events import EventBus
 from trainer_tasks.model import LanguageModel, build_model, count_parameters
 from trainer_tasks.reporting import RunReporter
@@ -66,6 +79,7 @@ def one_thread() -> Iterator[None]:
 
 
 def request(corpus_path: Path, **overrides: float) -> TrainRequest:
+    """The corpus is named by its key under the corpus root, which is the folder it is in."""
     return TrainRequest(
         model_family="gpt2",
         model_size="tiny",
@@ -73,7 +87,7 @@ def request(corpus_path: Path, **overrides: float) -> TrainRequest:
         num_epochs=int(overrides.get("num_epochs", EPOCHS)),
         batch_size=BATCH,
         learning_rate=float(overrides.get("learning_rate", 1e-3)),
-        corpus_path=str(corpus_path),
+        corpus_path=corpus_path.name,
         tokenizer_id="auto",
         user_id=USER_ID,
         seed=int(overrides.get("seed", 1337)),
@@ -81,15 +95,30 @@ def request(corpus_path: Path, **overrides: float) -> TrainRequest:
     )
 
 
+def local_files(root: Path, corpus_path: Path) -> FileStores:
+    return FileStores(
+        Storage(str(corpus_path.parent)), Storage(str(root / "artifacts")), Storage(str(root / "runs"))
+    )
+
+
+def redis_url_of(client: redis.Redis) -> str:
+    """The URL a process of its own (a DDP rank) connects with to the same Redis."""
+    kwargs = client.connection_pool.connection_kwargs
+    return f"redis://{kwargs['host']}:{kwargs['port']}/{kwargs.get('db', 0)}"
+
+
 def context_for(
     client: redis.Redis,
     run_id: str,
     train_request: TrainRequest,
     root: Path,
+    corpus_path: Path,
     cancel_requested: Callable[[], bool] = lambda: False,
     lease_lost: Callable[[], bool] = lambda: False,
+    files: FileStores | None = None,
+    cache_root: Path | None = None,
 ) -> RunContext:
-    """A claimed run and the context the runner would give the training."""
+    """A claimed run and the context the runner would give the training (local roots by default)."""
     store = RunStore(client)
     store.create(
         run_id=run_id, job_id=f"job-{run_id}", user_id=USER_ID, request=train_request.to_mapping(), now=1.0
@@ -100,14 +129,25 @@ def context_for(
         run_id=run_id,
         request=train_request,
         reporter=reporter,
-        run_dir=root / "runs" / run_id,
-        artifact_dir=root / "artifacts" / "models" / run_id,
-        log_path=root / "logs" / f"{run_id}.jsonl",
-        queue="training",
+        files=files or local_files(root, corpus_path),
+        cache=FileCache(cache_root or root / "cache", 10**9),
+        log_lines=RunLogWriter(client, run_id, 10_000).write,
+        queue=train_request.queue,
+        worker="training@box-1",
+        torch_threads=1,
         progress_interval_s=0.0,
         cancel_requested=cancel_requested,
         lease_lost=lease_lost,
+        settings=Settings(redis_url=redis_url_of(client)),
     )
+
+
+def artifact_dir(context: RunContext) -> Path:
+    return Path(context.files.artifacts.url(model_folder(context.run_id)))
+
+
+def run_dir(context: RunContext) -> Path:
+    return Path(context.files.runs.url(run_folder(context.run_id)))
 
 
 def events_of(client: redis.Redis, run_id: str) -> list[TrainEvent]:
@@ -152,7 +192,7 @@ def trained(redis_url: str, tmp_path_factory: pytest.TempPathFactory, one_thread
     corpus_path = corpus.write(root / "corpus.txt", SENTENCES, seed=0)
     client = redis.Redis.from_url(redis_url)
     client.flushdb()
-    context = context_for(client, "run-trained", request(corpus_path), root)
+    context = context_for(client, "run-trained", request(corpus_path), root, corpus_path)
     training.train(context)
     yield Trained(context, events_of(client, "run-trained"), record_of(client, "run-trained"), corpus_path)
     client.close()
@@ -175,8 +215,10 @@ def test_the_started_event_describes_the_run(trained: Trained) -> None:
     assert isinstance(started, TrainStarted)
     assert (started.model_family, started.model_size, started.total_epochs) == ("gpt2", "tiny", EPOCHS)
     assert (started.queue, started.batch_size, started.learning_rate) == ("training", BATCH, 1e-3)
-    # train() sets torch's threads to the CPUs it may use (one, in these tests) and uses no loader workers.
+    # train() sets torch's threads to the worker's share of the cores (one, in these tests) and uses no
+    # loader workers; the event names the worker that took the run.
     assert (started.cpu_cores, started.optimal_threads, started.optimal_workers) == (1, 1, 0)
+    assert (started.torch_threads, started.worker) == (1, "training@box-1")
 
 
 def test_progress_comes_every_step_and_at_each_epoch_end(trained: Trained) -> None:
@@ -203,14 +245,14 @@ def test_the_record_holds_the_result(trained: Trained) -> None:
     assert record.status == "completed"
     assert record.loss == pytest.approx(done.loss)
     assert record.perplexity == pytest.approx(math.exp(done.loss))
-    assert done.artifact_path == str(trained.context.artifact_dir.resolve())
+    assert done.artifact_path == str(artifact_dir(trained.context))
     assert record.artifact_path == done.artifact_path
-    assert trained.context.run_dir.is_dir()
+    assert run_dir(trained.context).is_dir()
 
 
 def test_the_artifact_loads_offline_and_generates(trained: Trained, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    folder = trained.context.artifact_dir
+    folder = artifact_dir(trained.context)
     model = AutoModelForCausalLM.from_pretrained(folder)
     tokenizer = AutoTokenizer.from_pretrained(folder)
     assert isinstance(model, GPT2LMHeadModel)
@@ -230,7 +272,7 @@ def test_the_artifact_loads_offline_and_generates(trained: Trained, monkeypatch:
 
 
 def test_the_manifest_records_params_and_request(trained: Trained) -> None:
-    folder = trained.context.artifact_dir
+    folder = artifact_dir(trained.context)
     manifest = json.loads((folder / "manifest.json").read_text())
     model = AutoModelForCausalLM.from_pretrained(folder)
     assert isinstance(model, torch.nn.Module)
@@ -251,7 +293,12 @@ def test_the_manifest_records_params_and_request(trained: Trained) -> None:
     assert done.sample
     for name in ("metrics.csv", "loss_curve.png", "logs.jsonl", "tokenizer.json", "tokenizer_config.json"):
         assert (folder / name).is_file(), name
-    splits = trained.context.run_dir / "splits"
+    # The run log says where the setup before training went, step by step.
+    messages = [json.loads(line)["message"] for line in (folder / "logs.jsonl").read_text().splitlines()]
+    setup = next(line for line in messages if " set up for training in " in line)
+    steps = re.findall(r"(\w+) (\d+\.\d{3}) s", setup.split(" in ", 1)[1])
+    assert [step for step, _ in steps] == ["corpus", "tokenizer", "encoding", "splits", "model", "trainer"]
+    splits = run_dir(trained.context) / "splits"
     validation, test = torch.load(splits / "validation.pt"), torch.load(splits / "test.pt")
     assert validation.shape[1] == test.shape[1] == SEQ_LEN
     assert len(test) >= 1
@@ -260,10 +307,14 @@ def test_the_manifest_records_params_and_request(trained: Trained) -> None:
 def test_the_same_seed_gives_the_same_losses(
     trained: Trained, redis_client: redis.Redis, tmp_path: Path
 ) -> None:
-    same = context_for(redis_client, "run-same", request(trained.corpus_path), tmp_path)
+    same = context_for(redis_client, "run-same", request(trained.corpus_path), tmp_path, trained.corpus_path)
     training.train(same)
     other = context_for(
-        redis_client, "run-other", request(trained.corpus_path, num_epochs=1, seed=7), tmp_path
+        redis_client,
+        "run-other",
+        request(trained.corpus_path, num_epochs=1, seed=7),
+        tmp_path,
+        trained.corpus_path,
     )
     training.train(other)
     same_events = events_of(redis_client, "run-same")
@@ -279,13 +330,13 @@ def test_a_short_context_run_completes(
     """max_seq_len 8..47 is a valid request (the API allows 8 and up); the run must still complete."""
     short = dataclasses.replace(request(trained.corpus_path, num_epochs=1), max_seq_len=max_seq_len)
     run_id = f"run-short-{max_seq_len}"
-    context = context_for(redis_client, run_id, short, tmp_path)
+    context = context_for(redis_client, run_id, short, tmp_path, trained.corpus_path)
     training.train(context)
     assert record_of(redis_client, run_id).status == "completed"
     done = events_of(redis_client, run_id)[-1]
     assert isinstance(done, TrainCompleted)
     assert isinstance(done.sample, str)
-    assert AutoModelForCausalLM.from_pretrained(context.artifact_dir).config.n_positions == max_seq_len
+    assert AutoModelForCausalLM.from_pretrained(artifact_dir(context)).config.n_positions == max_seq_len
 
 
 class ShutdownAtStep:
@@ -306,10 +357,17 @@ def test_a_shutdown_saves_last_and_the_next_delivery_resumes_there(
     trained: Trained, redis_client: redis.Redis, tmp_path: Path
 ) -> None:
     one_epoch = request(trained.corpus_path, num_epochs=1)
-    context = context_for(redis_client, "run-resume", one_epoch, tmp_path, cancel_requested=ShutdownAtStep(3))
+    context = context_for(
+        redis_client,
+        "run-resume",
+        one_epoch,
+        tmp_path,
+        trained.corpus_path,
+        cancel_requested=ShutdownAtStep(3),
+    )
     with pytest.raises(SystemExit):
         training.train(context)
-    checkpoint = context.run_dir / "checkpoints" / "last.ckpt"
+    checkpoint = run_dir(context) / "checkpoints" / "last.ckpt"
     assert checkpoint.is_file()
     assert torch.load(checkpoint, weights_only=False)["global_step"] == 3
     # A shutdown is no failure: nothing ended, the record still says running.
@@ -333,22 +391,85 @@ def test_a_lost_lease_stops_training_reports_nothing_and_saves_no_checkpoint(
     trained: Trained, redis_client: redis.Redis, tmp_path: Path
 ) -> None:
     context = context_for(
-        redis_client, "run-lost", request(trained.corpus_path), tmp_path, lease_lost=lambda: True
+        redis_client,
+        "run-lost",
+        request(trained.corpus_path),
+        tmp_path,
+        trained.corpus_path,
+        lease_lost=lambda: True,
     )
     with pytest.raises(LeaseLost, match="run run-lost: lease lost at step 1"):
         training.train(context)
     # Only the started event: the executor that took the run over reports how it ends.
     assert [type(event) for event in events_of(redis_client, "run-lost")] == [TrainStarted]
     assert record_of(redis_client, "run-lost").status == "running"
-    assert not (context.run_dir / "checkpoints").exists()
-    assert not context.artifact_dir.exists()
+    assert not (run_dir(context) / "checkpoints").exists()
+    assert not artifact_dir(context).exists()
+
+
+class TrueFromCall:
+    """A check that answers True from its `call`-th call on (one call per training step)."""
+
+    def __init__(self, call: int) -> None:
+        self.calls = 0
+        self._call = call
+
+    def __call__(self) -> bool:
+        self.calls += 1
+        return self.calls >= self._call
+
+
+def test_last_is_saved_by_time_within_an_epoch(
+    trained: Trained, redis_client: redis.Redis, tmp_path: Path
+) -> None:
+    one_epoch = request(trained.corpus_path, num_epochs=1)
+    context = dataclasses.replace(
+        context_for(redis_client, "run-timed", one_epoch, tmp_path, trained.corpus_path),
+        lease_lost=TrueFromCall(4),  # stops at step 4 without a checkpoint of its own
+        checkpoint_interval_s=0.001,
+    )
+    with pytest.raises(LeaseLost):
+        training.train(context)
+    checkpoint = torch.load(run_dir(context) / "checkpoints" / "last.ckpt", weights_only=False)
+    # Saved by time at the end of step 3, in the middle of the first epoch (which has more steps).
+    assert (checkpoint["global_step"], checkpoint["epoch"]) == (3, 0)
+    steps_per_epoch = max(
+        event.step for event in trained.events if isinstance(event, TrainProgress) and event.epoch == 1
+    )
+    assert steps_per_epoch > 3
+
+
+def test_a_run_over_its_time_limit_checkpoints_and_fails_naming_the_limit(
+    trained: Trained, redis_client: redis.Redis, tmp_path: Path
+) -> None:
+    context = dataclasses.replace(
+        context_for(redis_client, "run-long", request(trained.corpus_path), tmp_path, trained.corpus_path),
+        over_time_limit=TrueFromCall(2),
+        max_run_s=90.0,
+    )
+    with pytest.raises(TimeLimitReached):
+        training.train(context)
+    record = record_of(redis_client, "run-long")
+    assert (record.status, record.error_kind) == ("failed", "user")
+    assert record.message == (
+        "the run reached the training time limit of 90 s (APP__MAX_RUN_S) at step 2; "
+        "its last checkpoint is kept"
+    )
+    assert isinstance(events_of(redis_client, "run-long")[-1], TrainFailed)
+    checkpoint = torch.load(run_dir(context) / "checkpoints" / "last.ckpt", weights_only=False)
+    assert checkpoint["global_step"] == 2
+    assert not artifact_dir(context).exists()
 
 
 def test_a_huge_learning_rate_fails_as_the_users(
     trained: Trained, redis_client: redis.Redis, tmp_path: Path
 ) -> None:
     context = context_for(
-        redis_client, "run-diverges", request(trained.corpus_path, learning_rate=1e30, num_epochs=1), tmp_path
+        redis_client,
+        "run-diverges",
+        request(trained.corpus_path, learning_rate=1e30, num_epochs=1),
+        tmp_path,
+        trained.corpus_path,
     )
     with pytest.raises(UserError, match="lower the learning rate"):
         training.train(context)
@@ -358,32 +479,37 @@ def test_a_huge_learning_rate_fails_as_the_users(
     assert "1e+30" in failed.message
     record = record_of(redis_client, "run-diverges")
     assert (record.status, record.error_kind) == ("failed", "user")
-    assert not context.artifact_dir.exists()
+    assert not artifact_dir(context).exists()
 
 
-def test_a_cancel_request_ends_the_run_canceled(
+def test_a_cancel_request_stops_the_run_after_fit_returns(
     trained: Trained, redis_client: redis.Redis, tmp_path: Path
 ) -> None:
     no_test_split = dataclasses.replace(request(trained.corpus_path), test_fraction=0.0)
-    context = context_for(redis_client, "run-cancel", no_test_split, tmp_path, cancel_requested=lambda: True)
+    context = context_for(
+        redis_client,
+        "run-cancel",
+        no_test_split,
+        tmp_path,
+        trained.corpus_path,
+        cancel_requested=lambda: True,
+    )
     with pytest.raises(RunCanceled):
         training.train(context)
+    # Stopped after its first step, with no artifacts and no completion: the runner reports the cancel.
     events = events_of(redis_client, "run-cancel")
-    failed = events[-1]
-    assert isinstance(failed, TrainFailed)
-    assert (failed.status, failed.error_kind) == ("canceled", "user")
-    # Stopped after its first step.
+    assert [type(event) for event in events] == [TrainStarted, TrainProgress, TrainProgress]
     assert {event.step for event in events if isinstance(event, TrainProgress)} == {1}
-    assert record_of(redis_client, "run-cancel").status == "canceled"
-    assert not context.artifact_dir.exists()
+    assert record_of(redis_client, "run-cancel").status == "running"
+    assert not artifact_dir(context).exists()
     # Without a test fraction only the validation split is kept.
-    assert sorted(path.name for path in (context.run_dir / "splits").iterdir()) == ["validation.pt"]
+    assert sorted(path.name for path in (run_dir(context) / "splits").iterdir()) == ["validation.pt"]
 
 
 def test_a_corpus_too_small_for_one_batch(redis_client: redis.Redis, tmp_path: Path) -> None:
     small = tmp_path / "small.txt"
     small.write_text("A corpus of one short line.\n")
-    context = context_for(redis_client, "run-small", request(small), tmp_path)
+    context = context_for(redis_client, "run-small", request(small), tmp_path, small)
     with pytest.raises(UserError, match="too small") as raised:
         training.train(context)
     assert "batch_size" in str(raised.value)
@@ -393,7 +519,9 @@ def test_a_corpus_too_small_for_one_batch(redis_client: redis.Redis, tmp_path: P
 
 
 def test_a_missing_corpus_is_the_users_to_fix(redis_client: redis.Redis, tmp_path: Path) -> None:
-    context = context_for(redis_client, "run-gone", request(tmp_path / "gone.txt"), tmp_path)
+    context = context_for(
+        redis_client, "run-gone", request(tmp_path / "gone.txt"), tmp_path, tmp_path / "gone.txt"
+    )
     with pytest.raises(UserError, match="no longer exists"):
         training.train(context)
 
@@ -494,7 +622,9 @@ def test_save_artifacts_expects_the_language_model(trained: Trained, tmp_path: P
     tokenizer = train_tokenizer(text, vocab_size=260)
     splits = split_blocks(encode(tokenizer, text), 8, 1, 0.1)
     with pytest.raises(TypeError, match="LanguageModel"):
-        training.save_artifacts(trained.context, L.LightningModule(), tokenizer, MetricsLog(), splits, 1.0)
+        training.save_artifacts(
+            trained.context, L.LightningModule(), tokenizer, MetricsLog(), splits, 1.0, tmp_path
+        )
 
 
 def not_a_model(shape: ModelShape, vocab_size: int, max_seq_len: int) -> str:
@@ -565,3 +695,179 @@ def test_a_loss_curve_without_rows_still_renders(tmp_path: Path) -> None:
     path = tmp_path / "empty.png"
     plot_loss_curve(MetricsLog(), path, "nothing yet")
     assert path.read_bytes().startswith(b"\x89PNG")
+
+
+# Object-store roots: what a worker on its own machine does.
+
+
+def s3_files(bucket: str) -> FileStores:
+    return FileStores(Storage(f"{bucket}/corpora"), Storage(f"{bucket}/artifacts"), Storage(f"{bucket}/runs"))
+
+
+def test_a_run_on_an_object_store_resumes_on_another_machine_from_the_stored_checkpoint(
+    trained: Trained, redis_client: redis.Redis, tmp_path: Path, s3_bucket: str
+) -> None:
+    files = s3_files(s3_bucket)
+    files.corpora.upload(trained.corpus_path, trained.corpus_path.name)
+    one_epoch = request(trained.corpus_path, num_epochs=1)
+    first = context_for(
+        redis_client,
+        "run-moves",
+        one_epoch,
+        tmp_path,
+        trained.corpus_path,
+        cancel_requested=ShutdownAtStep(3),
+        files=files,
+        cache_root=tmp_path / "machine-a",
+    )
+    with pytest.raises(SystemExit):
+        training.train(first)
+    # The hand-back waited for last.ckpt to reach the store; the machine keeps no scratch files.
+    assert files.runs.exists("run-moves/checkpoints/last.ckpt")
+    assert files.runs.exists("run-moves/splits/validation.pt")
+    assert list((tmp_path / "machine-a" / "work").iterdir()) == []
+    stored = tmp_path / "stored.ckpt"
+    files.runs.download("run-moves/checkpoints/last.ckpt", stored)
+    assert torch.load(stored, weights_only=False)["global_step"] == 3
+
+    # Another worker, with a cache of its own, picks the run up where it stopped.
+    second = dataclasses.replace(
+        first, cancel_requested=lambda: False, cache=FileCache(tmp_path / "machine-b", 10**9)
+    )
+    training.train(second)
+    events = events_of(redis_client, "run-moves")
+    resumed = [event.step for event in events[3:] if isinstance(event, TrainProgress)]
+    assert resumed[0] == 4
+    done = events[-1]
+    assert isinstance(done, TrainCompleted)
+    assert done.artifact_path == f"{s3_bucket}/artifacts/models/run-moves"
+    names = [found.name for found in files.artifacts.files("models/run-moves")]
+    assert {"manifest.json", "model.safetensors", "config.json", "loss_curve.png", "logs.jsonl"} <= set(names)
+    logged = files.artifacts.read_bytes("models/run-moves/logs.jsonl").decode()
+    assert "resuming from the run's last checkpoint in the store" in logged
+    # The newest checkpoints reached the store before the run ended.
+    files.runs.download("run-moves/checkpoints/last.ckpt", stored)
+    assert torch.load(stored, weights_only=False)["global_step"] == max(resumed)
+    assert files.runs.exists("run-moves/checkpoints/best.ckpt")
+    assert list((tmp_path / "machine-b" / "work").iterdir()) == []
+
+
+class RedisOutage:
+    """A cancel check (asked once per step) that stops the run's Redis at one step, for good, and logs
+    a line and notes the time at every step."""
+
+    def __init__(self, service: devstack.Service, client: redis.Redis, down: int) -> None:
+        self.service, self.client, self.down = service, client, down
+        self.steps: list[float] = []
+        self.streamed_before = 0
+
+    def __call__(self) -> bool:
+        self.steps.append(time.monotonic())
+        if len(self.steps) == self.down:
+            self.streamed_before = len(runlog.tail(self.client, "run-outage", 10_000))
+            self.service.stop()
+        logging.getLogger("tests.outage").info("step %d done", len(self.steps))
+        return False
+
+
+def test_redis_stopped_mid_run_costs_log_lines_not_training_steps(trained: Trained, tmp_path: Path) -> None:
+    service, url = devstack.start_redis(tmp_path / "redis")
+    # No retries: the reporter's own calls (not what is tested here) fail at once instead of backing off.
+    client = redis.Redis.from_url(url, socket_timeout=2, retry=Retry(NoBackoff(), 0))
+    outage = RedisOutage(service, client, down=3)
+    context = context_for(client, "run-outage", request(trained.corpus_path), tmp_path, trained.corpus_path)
+    # The writer's client backs off and retries as a worker's does: seconds per line, were it waited for.
+    writer = RunLogWriter(redis.Redis.from_url(url, socket_timeout=2), "run-outage", 10_000)
+    run = dataclasses.replace(
+        context, log_lines=writer.write, cancel_requested=outage, progress_interval_s=1e9
+    )
+    try:
+        # Only recording the result needs Redis: every step, the artifacts and their log came first.
+        with pytest.raises(redis.ConnectionError):
+            training.train(run)
+    finally:
+        service.stop()
+    dropped = writer.close(timeout_s=2)
+    folder = tmp_path / "artifacts" / "models" / "run-outage"
+    steps = [row for row in csv.DictReader((folder / "metrics.csv").open()) if row["train_loss"]]
+    assert len(outage.steps) == len(steps) > 10
+    # A step never waited on Redis (each took milliseconds; a write that waited would take seconds).
+    gaps = [later - earlier for earlier, later in itertools.pairwise(outage.steps[3:])]
+    assert max(gaps) < 2.0
+    assert outage.streamed_before > 0
+    # Lines logged while Redis was away were dropped and counted; the worker's own copy has them all.
+    logged = [json.loads(line)["message"] for line in (folder / "logs.jsonl").read_text().splitlines()]
+    after_outage = [line for line in logged if line.startswith("step ") and int(line.split()[1]) > 3]
+    assert len(after_outage) == len(steps) - 3
+    assert dropped >= len(after_outage)
+
+
+def test_a_gpu_request_on_a_worker_without_one_is_the_users_to_fix(
+    redis_client: redis.Redis, tmp_path: Path
+) -> None:
+    corpus_path = corpus.write(tmp_path / "corpus.txt", 10, seed=0)
+    asks_gpu = dataclasses.replace(request(corpus_path), accelerator="gpu", queue="gpu")
+    context = context_for(redis_client, "run-gpu", asks_gpu, tmp_path, corpus_path)
+    gpu_none = r"asks for a GPU, but worker training@box-1 \(queue 'gpu'\) has none"
+    with pytest.raises(UserError, match=gpu_none):
+        training.train(context)
+    assert events_of(redis_client, "run-gpu") == []
+
+
+def test_two_devices_train_as_two_ddp_ranks_reporting_once_from_rank_zero(
+    redis_client: redis.Redis, tmp_path: Path
+) -> None:
+    corpus_path = corpus.write(tmp_path / "corpus.txt", SENTENCES, seed=0)
+    one = dataclasses.replace(request(corpus_path, num_epochs=1), accelerator="cpu")
+    single = context_for(redis_client, "run-one", one, tmp_path / "one", corpus_path)
+    training.train(single)
+    two = dataclasses.replace(one, devices=2)
+    several = context_for(redis_client, "run-two", two, tmp_path / "two", corpus_path)
+    training.train(several)
+    events = events_of(redis_client, "run-two")
+    assert [type(event) for event in events].count(TrainStarted) == 1
+    assert [type(event) for event in events].count(TrainCompleted) == 1
+    assert [event.seq for event in events] == list(range(1, len(events) + 1))
+    completed, alone = events[-1], events_of(redis_client, "run-one")[-1]
+    assert isinstance(completed, TrainCompleted)
+    assert isinstance(alone, TrainCompleted)
+    # Each rank sees half the data per step: the same model, close in loss after one epoch.
+    assert completed.loss == pytest.approx(alone.loss, rel=0.15)
+    assert record_of(redis_client, "run-two").status == "completed"
+    assert (artifact_dir(several) / "manifest.json").is_file()
+
+
+def test_a_rank_that_fails_reports_once_from_rank_zero(redis_client: redis.Redis, tmp_path: Path) -> None:
+    small = tmp_path / "small.txt"
+    small.write_text("A corpus of one short line.\n")
+    several = dataclasses.replace(request(small), accelerator="cpu", devices=2)
+    context = context_for(redis_client, "run-small-ddp", several, tmp_path, small)
+    # Every rank raises; the task's process sees the ranks fail, and rank zero has told the user why.
+    with pytest.raises(Exception, match="too small"):
+        training.train(context)
+    record = record_of(redis_client, "run-small-ddp")
+    assert (record.status, record.error_kind) == ("failed", "user")
+    events = events_of(redis_client, "run-small-ddp")
+    assert [type(event) for event in events] == [TrainFailed]
+
+
+def test_a_failing_rank_other_than_zero_reports_nothing_and_waits_for_rank_zero(
+    redis_client: redis.Redis, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    small = tmp_path / "small.txt"
+    small.write_text("A corpus of one short line.\n")
+    several = dataclasses.replace(request(small), accelerator="cpu", devices=2)
+    context = context_for(redis_client, "run-rank-one", several, tmp_path, small)
+    for name in ("MASTER_ADDR", "MASTER_PORT", "WORLD_SIZE", "NODE_RANK", "RANK", "LOCAL_RANK"):
+        monkeypatch.setenv(name, "")  # run_rank sets them; the test puts them back
+    waited: list[float] = []
+    monkeypatch.setattr(time, "sleep", waited.append)
+
+    def fails(rank_context: RunContext) -> None:
+        raise UserError("the corpus is too small")
+
+    with pytest.raises(UserError, match="too small"):
+        distributed.run_rank(1, distributed.plan_for(context), fails)
+    assert waited == [distributed.RANK_ZERO_GRACE_S]
+    assert events_of(redis_client, "run-rank-one") == []
+    assert record_of(redis_client, "run-rank-one").status != "failed"

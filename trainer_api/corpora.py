@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import codecs
-import os
+import contextlib
+import tempfile
 import time
 import uuid
 from collections.abc import Mapping
@@ -15,9 +16,13 @@ from flask import request
 from flask_smorest import Blueprint, abort
 
 from schemas.api import CorpusListSchema, CorpusSchema, CorpusUploadSchema, ErrorSchema
-from schemas.corpora import UPLOADS_FOLDER, CorpusRecord
-from schemas.settings import Settings
+from trainer_api.deletion import retire_or_abort
+from trainer_api.idempotency import idempotent
 from trainer_api.services import Services, services
+from trainer_store.corpora import CorpusRecord
+from trainer_store.layout import corpus_key, upload_key
+from trainer_store.settings import Settings
+from trainer_store.storage import Storage, StoreUnavailable
 
 blp = Blueprint("corpora", __name__, url_prefix="/corpora", description="Uploaded text corpora")
 
@@ -41,28 +46,32 @@ class CopiedText:
 
 
 @blp.route("", methods=["POST"])
+@idempotent
 @blp.arguments(CorpusUploadSchema, location="files")
 @blp.response(201, CorpusSchema)
 @blp.alt_response(413, schema=ErrorSchema, description="The file is over APP__MAX_CORPUS_BYTES.")
+@blp.alt_response(503, schema=ErrorSchema, description="The store or Redis is unavailable; nothing is kept.")
 def upload_corpus(_: Mapping[str, object]) -> dict[str, object]:
-    """Store a UTF-8 text file under the corpus root; train on it by its corpus_id."""
+    """Store a UTF-8 text file in the corpus root; train on it by its corpus_id."""
     found = services()
     upload = request.files["file"]  # the schema has checked it is there
     corpus_id = uuid.uuid4().hex
-    folder = found.settings.corpus_root / UPLOADS_FOLDER
-    path, copied = store_upload(upload.stream, folder, corpus_id, found.settings.max_corpus_bytes)
+    key = upload_key(corpus_id)
+    copied = store_upload(upload.stream, found.corpus_files, key, found.settings.max_corpus_bytes)
     record = CorpusRecord(
         corpus_id=corpus_id,
         name=display_name(upload.filename, corpus_id),
         bytes=copied.bytes,
         lines=copied.lines,
         created_at=time.time(),
-        path=str(path),
+        path=key,
     )
     try:
         found.corpora.add(record)
     except Exception:
-        path.unlink(missing_ok=True)  # a file no record names could never be deleted through the API
+        # A file no record names could never be deleted through the API.
+        with contextlib.suppress(StoreUnavailable):
+            found.corpus_files.remove(key)
         raise
     return {"corpus_id": corpus_id, "name": record.name, "bytes": record.bytes, "lines": record.lines}
 
@@ -88,15 +97,20 @@ def list_corpora() -> dict[str, object]:
 @blp.route("/<string:corpus_id>", methods=["DELETE"])
 @blp.response(204)
 @blp.alt_response(404, schema=ErrorSchema, description="No such corpus.")
+@blp.alt_response(409, schema=ErrorSchema, description="A queued or running run trains on it.")
 def delete_corpus(corpus_id: str) -> None:
-    """Forget the corpus and remove its file; runs already queued on it will fail."""
+    """Forget the corpus and remove its file; refused while a queued or running run trains on it."""
     found = services()
     record = found.corpora.get(corpus_id)
     if record is None:
         abort(404, message=f"no corpus {corpus_id!r}")
     assert record is not None
+    retire_or_abort(found.store.retire_corpus(corpus_id), f"corpus {corpus_id!r}")
+    # The file first: if the store fails the record stays, and the delete can be tried again.
+    key = corpus_key(found.corpus_files, record.path)  # None when the file has gone already
+    if key is not None:
+        found.corpus_files.remove(key)
     found.corpora.delete(corpus_id)
-    Path(record.path).unlink(missing_ok=True)
 
 
 def display_name(filename: str | None, corpus_id: str) -> str:
@@ -105,19 +119,14 @@ def display_name(filename: str | None, corpus_id: str) -> str:
     return base[:MAX_NAME_CHARS] or f"{corpus_id}.txt"
 
 
-def store_upload(source: IO[bytes], folder: Path, corpus_id: str, limit: int) -> tuple[Path, CopiedText]:
-    """Copy under a temporary name, then rename: a half-written corpus never appears under its own."""
-    folder.mkdir(parents=True, exist_ok=True)
-    final = (folder / f"{corpus_id}.txt").resolve()
-    partial = folder / f".{corpus_id}.part"
-    try:
-        with partial.open("wb") as sink:
-            copied = copy_text(source, sink, limit)
-        os.replace(partial, final)
-    except BaseException:
-        partial.unlink(missing_ok=True)
-        raise
-    return final, copied
+def store_upload(source: IO[bytes], storage: Storage, key: str, limit: int) -> CopiedText:
+    """Check the text into a temporary file, then put it in the store whole: a corpus that fails a
+    check, or a store that fails, leaves nothing behind under its key."""
+    with tempfile.NamedTemporaryFile(prefix="corpus-", suffix=".part") as spool:
+        copied = copy_text(source, spool, limit)
+        spool.flush()
+        storage.upload(Path(spool.name), key)
+    return copied
 
 
 def copy_text(source: IO[bytes], sink: IO[bytes], limit: int) -> CopiedText:
@@ -147,27 +156,14 @@ def utf8_or_422(decoder: codecs.IncrementalDecoder, chunk: bytes, final: bool) -
         abort(422, errors={"files": {"file": ["must be UTF-8 text"]}})
 
 
-def resolve_corpus(root: Path, value: str) -> Path | None:
-    """The corpus file inside `root`, absolute or relative to it; None for anything that leads out."""
-    base = root.resolve()
-    candidate = Path(value)
-    try:
-        # resolve() follows symlinks, so a link that points outside the root is caught here too.
-        resolved = (candidate if candidate.is_absolute() else base / candidate).resolve()
-        inside = resolved.is_relative_to(base) and resolved.is_file()
-    except (OSError, ValueError):  # a NUL byte, a name too long for the filesystem
-        return None
-    return resolved if inside else None
-
-
-def chosen_corpus(body: Mapping[str, object], found: Services) -> tuple[Path | None, dict[str, list[str]]]:
-    """The file a body's corpus_id or corpus_path names (the schema let through exactly one), or problems."""
-    root = found.settings.corpus_root
+def chosen_corpus(body: Mapping[str, object], found: Services) -> tuple[str | None, dict[str, list[str]]]:
+    """The key of the file a body's corpus_id or corpus_path names (the schema let through exactly one),
+    or problems: a path outside the root, or no such file, is the field's problem (422)."""
     corpus_id = body.get("corpus_id")
     if isinstance(corpus_id, str):
         record = found.corpora.get(corpus_id)
         # An upload whose file has gone is as unusable as an unknown id.
-        path = resolve_corpus(root, record.path) if record else None
-        return path, {} if path else {"corpus_id": [f"unknown corpus {corpus_id!r}"]}
-    path = resolve_corpus(root, str(body.get("corpus_path")))
-    return path, {} if path else {"corpus_path": [CORPUS_PATH_PROBLEM]}
+        key = corpus_key(found.corpus_files, record.path) if record else None
+        return key, {} if key else {"corpus_id": [f"unknown corpus {corpus_id!r}"]}
+    key = corpus_key(found.corpus_files, str(body.get("corpus_path")))
+    return key, {} if key else {"corpus_path": [CORPUS_PATH_PROBLEM]}

@@ -5,7 +5,8 @@ from __future__ import annotations
 import logging
 
 import redis
-from flask import Response, jsonify
+from apispec import BasePlugin
+from flask import Flask, Response, jsonify
 from flask_smorest import Api
 from kombu.exceptions import OperationalError
 from werkzeug.exceptions import (
@@ -17,13 +18,15 @@ from werkzeug.exceptions import (
 )
 
 from schemas.api import ErrorSchema
-from trainer_api.context import current_request_id
+from trainer_api.context import PUBLIC_PATHS, current_request_id
+from trainer_store.storage import StoreUnavailable
 
 log = logging.getLogger(__name__)
 
 ERROR_CODES: dict[int, str] = {
     400: "BAD_REQUEST",
     401: "UNAUTHORIZED",
+    403: "FORBIDDEN",
     404: "NOT_FOUND",
     405: "METHOD_NOT_ALLOWED",
     409: "CONFLICT",
@@ -32,17 +35,56 @@ ERROR_CODES: dict[int, str] = {
     # A Range outside the file is a bad request in DESIGN's list of codes.
     416: "BAD_REQUEST",
     422: "VALIDATION_ERROR",
+    429: "TOO_MANY_REQUESTS",
     503: "SERVICE_UNAVAILABLE",
     500: "INTERNAL",
 }
 # The backing services being down is the caller's cue to retry later, not a bug.
-UNAVAILABLE_ERRORS = (redis.RedisError, OperationalError)
+UNAVAILABLE_ERRORS = (redis.RedisError, OperationalError, StoreUnavailable)
+# Routes that reach neither Redis nor the file store.
+STANDALONE_PATHS = frozenset({"/healthz", "/models"})
+
+
+class CommonErrors(BasePlugin):
+    """Documents, on every operation they apply to, the errors that come from the route's shape rather
+    than its logic: a path naming something unknown, a malformed or oversized body, a missing API key,
+    Redis unavailable. Each route documents its own (409, 429...) itself; this never overrides them."""
+
+    def operation_helper(
+        self, path: str | None = None, operations: dict[str, dict[str, object]] | None = None, **_: object
+    ) -> None:
+        for operation in (operations or {}).values():
+            responses = operation.setdefault("responses", {})
+            assert isinstance(responses, dict)  # apispec's operation object: responses by status
+            for status, reference in self._applicable(path or "", operation):
+                # Response components flask-smorest registers for every status, in our envelope.
+                responses.setdefault(status, reference)
+
+    @staticmethod
+    def _applicable(path: str, operation: dict[str, object]) -> list[tuple[int, str]]:
+        found: list[tuple[int, str]] = []
+        if "{" in path:
+            found.append((404, "NOT_FOUND"))
+        if "requestBody" in operation:
+            found += [
+                (400, "BAD_REQUEST"),
+                (413, "REQUEST_ENTITY_TOO_LARGE"),
+                (415, "UNSUPPORTED_MEDIA_TYPE"),
+            ]
+        if path not in PUBLIC_PATHS:
+            found.append((401, "UNAUTHORIZED"))
+        if path not in STANDALONE_PATHS:
+            found.append((503, "SERVICE_UNAVAILABLE"))
+        return found
 
 
 class TrainerApi(Api):
     """flask-smorest's Api with our envelope for HTTP errors, routing errors and crashes alike."""
 
     ERROR_SCHEMA = ErrorSchema
+
+    def __init__(self, app: Flask) -> None:
+        super().__init__(app, spec_kwargs={"extra_plugins": [CommonErrors()]})
 
     def handle_http_exception(self, error: HTTPException) -> Response:
         return error_response(error)
@@ -72,6 +114,10 @@ def error_response(error: HTTPException) -> Response:
         body["message"] = "invalid field(s): " + ", ".join(sorted(fields))
     response = jsonify(body)
     response.status_code = status
+    data = getattr(error, "data", None)
+    if isinstance(data, dict) and isinstance(data.get("headers"), dict):
+        # abort(..., headers={"Retry-After": ...}) from a view.
+        response.headers.update({str(name): str(value) for name, value in data["headers"].items()})
     if status == 405 and isinstance(error, HTTPException):
         response.headers["Allow"] = ", ".join(getattr(error, "valid_methods", None) or [])
     if isinstance(error, RequestedRangeNotSatisfiable) and error.length is not None:

@@ -14,10 +14,10 @@ from schemas.api import (
     EvaluationAcceptedSchema,
     EvaluationStatusSchema,
 )
-from schemas.jobs import evaluation_key
-from schemas.runs import RunRecord
 from trainer_api.results import number_or_none, text_or_none
 from trainer_api.services import dispatch_job, run_or_404, services
+from trainer_store.jobs import evaluation_key
+from trainer_store.runs import RunRecord
 from trainer_tasks.app import EVALUATE_TASK
 
 blp = Blueprint("evaluations", __name__, url_prefix="/runs", description="Evaluating trained runs")

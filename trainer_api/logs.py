@@ -1,4 +1,7 @@
-"""A run's log: the last lines as text, or followed live as server-sent events."""
+"""A run's log, read from its stream in Redis: the last lines as text, or followed as server-sent events.
+
+Any API replica serves any run: the lines live in Redis, written there by whichever worker trains it.
+"""
 
 from __future__ import annotations
 
@@ -6,21 +9,21 @@ import json
 import time
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
-from pathlib import Path
 
-from flask import Response, current_app, stream_with_context
+import redis
+from flask import Response
 from flask_smorest import Blueprint
 from marshmallow import RAISE
 
 from schemas.api import LogQuerySchema
-from schemas.runs import RunStore
 from trainer_api.services import run_or_404, services
+from trainer_api.sse import SETTLE_S, Follow, follow, follow_response
+from trainer_store import runlog, streams
+from trainer_store.runs import RunStore
+from trainer_store.streams import StreamEntry
 
 blp = Blueprint("logs", __name__, url_prefix="/runs", description="Run logs")
 
-# A comment line every so often: a WSGI app sees a client's disconnect only when a write fails.
-KEEPALIVE_S = 15.0
-POLL_S = 0.5
 TEXT_RESPONSE = {
     "200": {"description": "One log line a line.", "content": {"text/plain": {"schema": {"type": "string"}}}}
 }
@@ -37,9 +40,9 @@ STREAM_RESPONSE = {
 @blp.doc(responses=TEXT_RESPONSE)
 def run_log(query: dict[str, int], run_id: str) -> Response:
     """The last `tail` lines the worker logged for the run (empty before it starts)."""
-    lines, _ = read_lines(log_path(run_id))
-    text = "".join(f"{line}\n" for line in lines[-query["tail"] :])
-    return Response(text, mimetype="text/plain")
+    run_or_404(run_id)
+    entries = runlog.tail(services().redis, run_id, query["tail"])
+    return Response("".join(f"{format_record(entry.data)}\n" for entry in entries), mimetype="text/plain")
 
 
 @blp.route("/<string:run_id>/logs/stream")
@@ -47,39 +50,17 @@ def run_log(query: dict[str, int], run_id: str) -> Response:
 @blp.doc(responses=STREAM_RESPONSE)
 def stream_run_log(query: dict[str, int], run_id: str) -> Response:
     """The last `tail` lines, then each new one as it is written, until the run has finished."""
-    path = log_path(run_id)
-    store = services().store
-    poll_s = float(current_app.config.get("TRAINER_LOG_POLL_S", POLL_S))
-    follow = follow_log(
-        path, query["tail"], lambda: run_finished(store, run_id), poll_s, time.monotonic, time.sleep
-    )
-    response = Response(stream_with_context(follow), mimetype="text/event-stream")
-    response.headers["Cache-Control"] = "no-cache"
-    response.headers["X-Accel-Buffering"] = "no"  # proxies must pass events on as they come
-    return response
-
-
-def log_path(run_id: str) -> Path:
-    found = services()
     run_or_404(run_id)
-    return found.settings.run_log(run_id)
+    found = services()
+    return follow_response(
+        log_follow(found.redis, run_id, query["tail"], lambda: run_finished(found.store, run_id)),
+        time.monotonic,
+    )
 
 
 def run_finished(store: RunStore, run_id: str) -> bool:
     record = store.get(run_id)
     return record is None or record.is_terminal
-
-
-def read_lines(path: Path, offset: int = 0) -> tuple[list[str], int]:
-    """Formatted whole lines from byte `offset` (the writer may be mid-line), and where the next starts."""
-    if not path.is_file():
-        return [], offset
-    with path.open("rb") as handle:
-        handle.seek(offset)
-        data = handle.read()
-    complete = data[: data.rfind(b"\n") + 1]
-    lines = [format_record(raw) for raw in complete.decode("utf-8", errors="replace").splitlines()]
-    return lines, offset + len(complete)
 
 
 def format_record(raw: str) -> str:
@@ -94,30 +75,31 @@ def format_record(raw: str) -> str:
     return f"{when} {record.get('level', '')} {record.get('logger', '')}: {record.get('message', '')}"
 
 
+def formatted(entries: list[StreamEntry]) -> list[StreamEntry]:
+    return [StreamEntry(entry.entry_id, format_record(entry.data)) for entry in entries]
+
+
+def log_follow(client: redis.Redis, run_id: str, tail: int, finished: Callable[[], bool]) -> Follow:
+    """The last `tail` lines first, then the lines after them, each shown as text; no ids."""
+    first = formatted(runlog.tail(client, run_id, tail))
+    return Follow(
+        read_after=lambda after_id, block_s: formatted(runlog.read_after(client, run_id, after_id, block_s)),
+        finished=finished,
+        after_id=first[-1].entry_id if first else streams.START_ID,
+        first=tuple(first),
+        settle_s=SETTLE_S,
+    )
+
+
 def follow_log(
-    path: Path,
+    client: redis.Redis,
+    run_id: str,
     tail: int,
     finished: Callable[[], bool],
-    poll_s: float,
+    block_s: float,
+    keepalive_s: float,
     clock: Callable[[], float],
-    sleep: Callable[[float], None],
 ) -> Iterator[str]:
-    """Server-sent events: the last `tail` lines, then new ones, then `end` once the run has finished."""
-    lines, offset = read_lines(path)
-    yield from (f"data: {line}\n\n" for line in lines[-tail:])
-    last_write = clock()
-    while True:
-        # Read after checking: lines written just before the run finished still go out.
-        done = finished()
-        lines, offset = read_lines(path, offset)
-        for line in lines:
-            yield f"data: {line}\n\n"
-        if lines:
-            last_write = clock()
-        if done:
-            yield "event: end\ndata: \n\n"
-            return
-        if clock() - last_write >= KEEPALIVE_S:
-            yield ": keepalive\n\n"
-            last_write = clock()
-        sleep(poll_s)
+    """Server-sent events: the last `tail` lines, then new ones as Redis hands them over, then `end`
+    once the run has finished."""
+    return follow(log_follow(client, run_id, tail, finished), block_s, keepalive_s, clock)

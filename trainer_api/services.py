@@ -5,20 +5,50 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Protocol
 
 import redis
 from flask import current_app
 from flask_smorest import abort
+from redis.backoff import ExponentialWithJitterBackoff
+from redis.retry import Retry
 
-from schemas.corpora import CorpusStore
-from schemas.jobs import JobStore
-from schemas.runs import RunRecord, RunStore
-from schemas.settings import Settings
+from schemas.queues import NEW_TASK_PRIORITY
+from trainer_store.corpora import CorpusStore
+from trainer_store.jobs import JobStore
+from trainer_store.layout import FileStores
+from trainer_store.runs import RunRecord, RunStore
+from trainer_store.settings import Settings
+from trainer_store.storage import Storage
+from trainer_store.workers import LiveQueues, WorkerRegistry
 from trainer_tasks.app import celery_app
 
 EXTENSION = "trainer"
-# (task name, arguments, task id): the API names tasks and never imports the code that runs them.
-Dispatch = Callable[[str, list[str], str], None]
+# With Redis away a request answers 503 within a few seconds: a refused connection fails at once, a
+# silent one after the connect timeout, each of the 1 + REDIS_RETRIES tries.
+REDIS_CONNECT_TIMEOUT_S = 1.0
+REDIS_TIMEOUT_S = 5.0
+REDIS_RETRIES = 2
+# A follower of a stream holds a connection for each blocking read, so a process needs about as many
+# connections as it has threads; gunicorn's threads are the bound. redis-py's default pool refuses past
+# 100, which would answer 503 to everyone in a process following more than about 100 streams.
+REDIS_MAX_CONNECTIONS = 4096
+
+
+@dataclass(frozen=True)
+class Task:
+    """A Celery task sent by name: the API never imports the code that runs it."""
+
+    name: str
+    args: list[str]
+    task_id: str
+    # None: celeryconfig's task_routes pick the queue; a run names its own.
+    queue: str | None = None
+    # New work waits behind runs that go back to their queue (schemas.queues).
+    priority: int = NEW_TASK_PRIORITY
+
+
+Dispatch = Callable[[Task], None]
 
 
 @dataclass(frozen=True)
@@ -29,17 +59,67 @@ class Services:
     dispatch: Dispatch
     corpora: CorpusStore
     jobs: JobStore
+    workers: WorkerRegistry
+    live_queues: LiveQueues
+    # Where files live: uploaded and operator corpora, trained models and tokenizers, run working files.
+    corpus_files: Storage
+    artifact_files: Storage
+    run_files: Storage
+
+    @property
+    def files(self) -> FileStores:
+        return FileStores(self.corpus_files, self.artifact_files, self.run_files)
 
 
-def send_task(name: str, args: list[str], task_id: str) -> None:
-    """Send by name; celeryconfig's task_routes pick the queue."""
-    celery_app.send_task(name, args=args, task_id=task_id)
+class TaskSender(Protocol):
+    """What the API needs of a Celery app."""
+
+    def send_task(
+        self,
+        name: str,
+        *,
+        args: list[str],
+        task_id: str,
+        ignore_result: bool,
+        queue: str | None,
+        priority: int,
+    ) -> object: ...
+
+
+def sender(app: TaskSender) -> Dispatch:
+    """Send tasks by name through `app`, to the task's queue or the one celeryconfig's task_routes pick."""
+
+    def send(task: Task) -> None:
+        # Nobody reads Celery's results (the run record is the truth). Asking for one subscribes this
+        # process to the result channel, which keeps every subscription and, with Redis away, retries
+        # for 20 s and then breaks until a restart: a send must only publish, or fail at once.
+        app.send_task(
+            task.name,
+            args=task.args,
+            task_id=task.task_id,
+            ignore_result=True,
+            queue=task.queue,
+            priority=task.priority,
+        )
+
+    return send
+
+
+send_task = sender(celery_app)
 
 
 def build(settings: Settings, dispatch: Dispatch = send_task) -> Services:
     client = redis.Redis.from_url(
-        settings.redis_url, socket_timeout=5, socket_connect_timeout=2, health_check_interval=30
+        settings.redis_url,
+        socket_timeout=REDIS_TIMEOUT_S,
+        socket_connect_timeout=REDIS_CONNECT_TIMEOUT_S,
+        health_check_interval=30,
+        max_connections=REDIS_MAX_CONNECTIONS,
+        # redis-py retries 10 times by default, for up to ~10 s: a request waits at most ~3 s instead.
+        retry=Retry(ExponentialWithJitterBackoff(base=0.05, cap=0.5), REDIS_RETRIES),
     )
+    files = FileStores.from_settings(settings)
+    workers = WorkerRegistry(client)
     return Services(
         settings=settings,
         redis=client,
@@ -47,13 +127,18 @@ def build(settings: Settings, dispatch: Dispatch = send_task) -> Services:
         dispatch=dispatch,
         corpora=CorpusStore(client),
         jobs=JobStore(client),
+        workers=workers,
+        live_queues=LiveQueues(workers),
+        corpus_files=files.corpora,
+        artifact_files=files.artifacts,
+        run_files=files.runs,
     )
 
 
 def dispatch_job(found: Services, key: str, task: str, args: list[str], job_id: str) -> None:
     """Queue a short job whose record is at `key`; a dispatch that fails marks it failed, then raises."""
     try:
-        found.dispatch(task, args, job_id)
+        found.dispatch(Task(task, args, job_id))
     except Exception:
         found.jobs.fail(key, "could not queue the job; nothing was done", time.time())
         raise

@@ -9,12 +9,14 @@ import logging
 import nextcord
 import redis.asyncio as aioredis
 
-from trainer_bot.client import ApiError, TrainerClient
-from trainer_bot.commands import Commands, RateLimiter, build_commands
+from trainer_bot.buttons import Buttons, custom_id_of
+from trainer_bot.commands import Commands, RateLimiter, register_commands
 from trainer_bot.config import BotConfig
-from trainer_bot.embeds import LOSS_CURVE
-from trainer_bot.notifier import LossCurve, Notifier, NotifierSettings
+from trainer_bot.embeds import CUSTOM_ID_PREFIX, LOSS_CURVE, Download
+from trainer_bot.live import LiveMessages
+from trainer_bot.notifier import DownloadLink, LossCurve, Notifier, NotifierSettings
 from trainer_bot.sinks import ConsoleSink, DiscordSink, DmSink
+from trainer_client.client import ApiError, TrainerClient
 
 log = logging.getLogger(__name__)
 
@@ -33,13 +35,30 @@ def loss_curve_reader(api: TrainerClient) -> LossCurve:
     return read
 
 
-def notifier_for(config: BotConfig, client: aioredis.Redis, sink: DmSink, api: TrainerClient) -> Notifier:
+def download_linker(api: TrainerClient, public_api_url: str | None, ttl_s: int) -> DownloadLink:
+    """A signed link to the run's model.zip at the address users reach; None without one."""
+
+    async def link(run_id: str) -> Download | None:
+        if public_api_url is None:
+            return None
+        try:
+            links = await asyncio.to_thread(api.links, run_id, ttl_s)
+        except ApiError as exc:
+            log.warning("no download link for run %s: %s", run_id, exc)
+            return None
+        return Download(public_api_url + links.download, links.expires_at)
+
+    return link
+
+
+def notifier_for(
+    config: BotConfig, client: aioredis.Redis, sink: DmSink, api: TrainerClient, live: LiveMessages
+) -> Notifier:
     settings = NotifierSettings(
-        consumer=config.consumer_name,
-        edit_interval_s=config.progress_edit_interval_s,
-        public_api_url=config.public_api_url,
+        consumer=config.consumer_name, edit_interval_s=config.progress_edit_interval_s
     )
-    return Notifier(client, sink, loss_curve_reader(api), settings)
+    download = download_linker(api, config.public_api_url, config.link_ttl_s)
+    return Notifier(client, sink, loss_curve_reader(api), settings, download=download, live=live)
 
 
 def connect_redis(url: str) -> aioredis.Redis:
@@ -54,7 +73,8 @@ async def run(config: BotConfig, stop: asyncio.Event) -> None:
     try:
         if config.discord_token is None:
             log.info("DISCORD_TOKEN is not set: direct messages are printed here instead")
-            await notifier_for(config, client, ConsoleSink(), api).run(stop)
+            sink = ConsoleSink()
+            await notifier_for(config, client, sink, api, LiveMessages(client, sink)).run(stop)
         else:
             await run_discord(config, config.discord_token, client, api, stop)
     finally:
@@ -62,19 +82,46 @@ async def run(config: BotConfig, stop: asyncio.Event) -> None:
         api.close()
 
 
+class TrainerBot(nextcord.Client):
+    """nextcord's client, with every press of one of our buttons sent to one handler by custom_id
+    prefix: nextcord matches whole custom_ids of views in memory, which a restart forgets."""
+
+    def __init__(self) -> None:
+        # The default intents hold no privileged one: slash commands and DMs need none.
+        super().__init__(intents=nextcord.Intents.default())
+        self.buttons: Buttons | None = None
+
+    async def on_interaction(self, interaction: nextcord.Interaction[nextcord.Client]) -> None:
+        if (
+            self.buttons is not None
+            and interaction.type == nextcord.InteractionType.component
+            and custom_id_of(interaction).startswith(CUSTOM_ID_PREFIX)
+        ):
+            await self.buttons.handle(interaction)
+            return
+        await super().on_interaction(interaction)
+
+
+def use_api_base(base: str) -> None:
+    """Every REST call of nextcord, the gateway's URL (GET /gateway) and interaction answers included."""
+    nextcord.http.Route.BASE = base
+
+
 async def run_discord(
     config: BotConfig, token: str, client: aioredis.Redis, api: TrainerClient, stop: asyncio.Event
 ) -> None:
-    # The default intents hold no privileged one: slash commands and DMs need none.
-    bot = nextcord.Client(intents=nextcord.Intents.default())
+    use_api_base(config.discord_api_base)
+    bot = TrainerBot()
+    sink = DiscordSink(bot)
+    live = LiveMessages(client, sink)
     catalog = await asyncio.to_thread(api.models)
-    commands = Commands(api, RateLimiter(config.train_cooldown_s))
-    for command in build_commands(commands, catalog):
-        bot.add_application_command(command)
+    queues = await asyncio.to_thread(api.queues)
+    register_commands(bot, Commands(api, RateLimiter(config.train_cooldown_s), live), catalog, queues)
+    bot.buttons = Buttons(api, live, sink)
     # DMs go over HTTP only, so the notifier starts as soon as the token is accepted.
     await bot.login(token)
     tasks = [
-        asyncio.create_task(notifier_for(config, client, DiscordSink(bot), api).run(stop)),
+        asyncio.create_task(notifier_for(config, client, sink, api, live).run(stop)),
         asyncio.create_task(bot.connect()),
         asyncio.create_task(stop.wait()),
     ]

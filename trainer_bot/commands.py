@@ -11,7 +11,18 @@ from datetime import UTC, datetime
 
 import nextcord
 
-from trainer_bot.client import ApiError, Corpus, ModelCatalog, RunInfo, TrainerClient, TrainOrder
+from schemas.queues import LIGHT_QUEUE, TRAINING_QUEUE
+from trainer_bot import embeds
+from trainer_bot.live import LiveMessages
+from trainer_client.client import (
+    ApiError,
+    ModelCatalog,
+    QueueInfo,
+    RunInfo,
+    TrainerClient,
+    TrainOrder,
+    runs_ahead,
+)
 
 log = logging.getLogger(__name__)
 
@@ -68,16 +79,23 @@ class TrainOptions:
     learning_rate: float
     corpus_file: CorpusFile | None = None
     corpus_name: str | None = None
+    test_fraction: float = 0.0
+    queue: str | None = None  # None: the API's default for the accelerator
+    accelerator: str = "auto"
+    devices: int = 1
 
 
 class Commands:
     """What each command does, apart from Discord: the caller's id and plain values in, reply text out."""
 
-    def __init__(self, api: TrainerClient, limiter: RateLimiter) -> None:
+    def __init__(self, api: TrainerClient, limiter: RateLimiter, live: LiveMessages) -> None:
         self._api = api
         self._limiter = limiter
+        self._live = live
 
-    async def train(self, user_id: int, options: TrainOptions) -> str:
+    async def train(self, user_id: int, options: TrainOptions, request_key: str | None = None) -> str:
+        """Queue a run and open its live message; `request_key` (the interaction id) makes a retried
+        request to the API answer the run it created the first time."""
         wait = self._limiter.wait_s(user_id)
         if wait > 0:
             return f"Easy there: one training request every few seconds. Try again in {wait:.0f} s."
@@ -91,11 +109,13 @@ class Commands:
             if problem:
                 return problem
             data = await options.corpus_file.read()
-            uploaded = await asyncio.to_thread(self._api.upload_corpus, options.corpus_file.filename, data)
+            uploaded = await asyncio.to_thread(
+                self._api.upload_corpus, options.corpus_file.filename, data, request_key
+            )
             corpus_id = uploaded.corpus_id
         else:
             assert options.corpus_name is not None  # exactly one of the two is set (checked above)
-            corpus_id, corpus_path = await self._corpus_by_name(options.corpus_name)
+            corpus_id, corpus_path = await asyncio.to_thread(self._api.corpus_named, options.corpus_name)
         order = TrainOrder(
             user_id=user_id,
             model_family=options.family,
@@ -105,20 +125,35 @@ class Commands:
             learning_rate=options.learning_rate,
             corpus_id=corpus_id,
             corpus_path=corpus_path,
+            test_fraction=options.test_fraction,
+            queue=options.queue,
+            accelerator=options.accelerator,
+            devices=options.devices,
         )
-        accepted = await asyncio.to_thread(self._api.train, order)
+        accepted = await asyncio.to_thread(self._api.train, order, request_key)
+        corpus = options.corpus_file.filename if options.corpus_file else str(options.corpus_name)
+        await self.open_live(user_id, accepted.run_id, order, corpus)
         return (
             f"Training queued: run `{accepted.run_id}` (job `{accepted.job_id}`). "
-            "I will send you its progress in a direct message."
+            "Its live message in your direct messages follows it, with a button to cancel it."
         )
 
-    async def _corpus_by_name(self, name: str) -> tuple[str | None, str | None]:
-        """An uploaded corpus of that name by its id; otherwise the name is a file in the corpus root."""
-        listed: list[Corpus] = await asyncio.to_thread(self._api.corpora)
-        for corpus in listed:
-            if corpus.name == name:
-                return corpus.corpus_id, None
-        return None, name
+    async def open_live(self, user_id: int, run_id: str, order: TrainOrder, corpus: str) -> None:
+        test_fraction = order.test_fraction or 0.0
+        run = await asyncio.to_thread(self._api.run, run_id)
+        queued = embeds.QueuedRun(
+            run_id=run_id,
+            family=order.model_family,
+            size=order.model_size,
+            epochs=order.num_epochs,
+            batch_size=order.batch_size,
+            learning_rate=order.learning_rate,
+            corpus=corpus,
+            test_fraction=test_fraction,
+            queue=run.queue,
+            place=None if run.queue_position is None else runs_ahead(run.queue_position),
+        )
+        await self._live.open(user_id, run_id, embeds.queued(queued), test_split=test_fraction > 0)
 
     async def status(self, user_id: int, run_id: str) -> str:
         run = await self._own_run(user_id, run_id)
@@ -158,6 +193,8 @@ def _not_yours(run_id: str) -> str:
 def describe(run: RunInfo) -> str:
     # <t:...:R> is Discord's relative time ("3 minutes ago") in the reader's own locale.
     line = f"`{run.run_id}`: **{run.status}**, started <t:{int(run.created_at)}:R>"
+    if run.status == "queued" and run.queue_position is not None:
+        line += f", {runs_ahead(run.queue_position)} on queue `{run.queue}`"
     if run.loss is not None and run.perplexity is not None:
         line += f", loss {run.loss:.4f}, perplexity {run.perplexity:.2f}"
     if run.status in ("failed", "canceled") and run.message:
@@ -185,8 +222,12 @@ async def answer(
         text = api_error_text(exc)
     except Exception:
         log.exception("command %s failed", interaction.application_command)
-        text = f"Something went wrong on our side at {datetime.now(UTC):%H:%M:%S} UTC; please try again."
+        text = failure_text()
     await interaction.followup.send(text, ephemeral=True)
+
+
+def failure_text() -> str:
+    return f"Something went wrong on our side at {datetime.now(UTC):%H:%M:%S} UTC; please try again."
 
 
 def caller_id(interaction: nextcord.Interaction[nextcord.Client]) -> int:
@@ -195,10 +236,18 @@ def caller_id(interaction: nextcord.Interaction[nextcord.Client]) -> int:
     return user.id
 
 
-def build_commands(commands: Commands, catalog: ModelCatalog) -> list[nextcord.SlashApplicationCommand]:
-    """The slash commands, with model families and sizes offered as choices from GET /models."""
+def register_commands(
+    bot: nextcord.Client, commands: Commands, catalog: ModelCatalog, queues: list[QueueInfo]
+) -> None:
+    """The slash commands, with model families and sizes offered as choices from GET /models, and the
+    training queues that had a live worker at start-up from GET /queues.
+
+    Made with the client's slash_command decorator: nextcord adds those again on every connect (READY
+    clears the commands added any other way), then registers them with Discord.
+    """
     families = [family.family for family in catalog.families]
     sizes = sorted({size.size for family in catalog.families for size in family.sizes})
+    training_queues = sorted({queue.name for queue in queues} - {LIGHT_QUEUE}) or [TRAINING_QUEUE]
 
     async def train_model(
         interaction: nextcord.Interaction[nextcord.Client],
@@ -223,6 +272,25 @@ def build_commands(commands: Commands, catalog: ModelCatalog) -> list[nextcord.S
         corpus_name: str | None = nextcord.SlashOption(
             description="The name of a corpus already on the server", required=False, default=None
         ),
+        test_fraction: float = nextcord.SlashOption(
+            description="Share kept apart for 'Evaluate on test split' (0 for none)",
+            min_value=0.0,
+            max_value=0.45,
+            required=False,
+            default=0.0,
+        ),
+        queue: str | None = nextcord.SlashOption(
+            description="The queue that trains it (default: training, or gpu for a GPU)",
+            choices=training_queues,
+            required=False,
+            default=None,
+        ),
+        accelerator: str = nextcord.SlashOption(
+            description="What it trains on", choices=["auto", "cpu", "gpu"], required=False, default="auto"
+        ),
+        devices: int = nextcord.SlashOption(
+            description="Devices it trains on", min_value=1, max_value=64, required=False, default=1
+        ),
     ) -> None:
         options = TrainOptions(
             family=family,
@@ -232,8 +300,13 @@ def build_commands(commands: Commands, catalog: ModelCatalog) -> list[nextcord.S
             learning_rate=learning_rate,
             corpus_file=_corpus_file(corpus_file),
             corpus_name=corpus_name,
+            test_fraction=test_fraction,
+            queue=queue,
+            accelerator=accelerator,
+            devices=devices,
         )
-        await answer(interaction, lambda: commands.train(caller_id(interaction), options))
+        key = str(interaction.id)
+        await answer(interaction, lambda: commands.train(caller_id(interaction), options, key))
 
     async def train_status(
         interaction: nextcord.Interaction[nextcord.Client],
@@ -250,21 +323,10 @@ def build_commands(commands: Commands, catalog: ModelCatalog) -> list[nextcord.S
     async def train_runs(interaction: nextcord.Interaction[nextcord.Client]) -> None:
         await answer(interaction, lambda: commands.runs(caller_id(interaction)))
 
-    return [
-        _slash("train_model", "Train a language model on a corpus", train_model),
-        _slash("train_status", "The status of one of your runs", train_status),
-        _slash("train_cancel", "Cancel one of your runs", train_cancel),
-        _slash("train_runs", "Your latest training runs", train_runs),
-    ]
-
-
-def _slash(
-    name: str, description: str, callback: Callable[[nextcord.Interaction[nextcord.Client]], Awaitable[None]]
-) -> nextcord.SlashApplicationCommand:
-    command = nextcord.SlashApplicationCommand(name=name, description=description, callback=callback)
-    # Reads the options from the callback's signature, as nextcord's decorators do.
-    command.from_callback(callback)
-    return command
+    bot.slash_command(name="train_model", description="Train a language model on a corpus")(train_model)
+    bot.slash_command(name="train_status", description="The status of one of your runs")(train_status)
+    bot.slash_command(name="train_cancel", description="Cancel one of your runs")(train_cancel)
+    bot.slash_command(name="train_runs", description="Your latest training runs")(train_runs)
 
 
 def _corpus_file(attachment: nextcord.Attachment | None) -> CorpusFile | None:

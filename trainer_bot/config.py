@@ -7,6 +7,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 REQUIRED = ("TRAINER_API_URL", "REDIS_URL")
+DISCORD_API_BASE = "https://discord.com/api/v10"
 
 
 class MissingSetting(Exception):
@@ -29,6 +30,10 @@ class BotConfig:
     consumer_name: str = "bot-1"
     train_cooldown_s: float = 10.0
     progress_edit_interval_s: float = 3.0
+    # Another Discord API base, such as a rate-limit proxy's; the gateway URL comes from its GET /gateway.
+    discord_api_base: str = DISCORD_API_BASE
+    # How long the completed DM's download link works.
+    link_ttl_s: int = 7 * 24 * 3600
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> BotConfig:
@@ -52,4 +57,6 @@ class BotConfig:
             progress_edit_interval_s=seconds(
                 "BOT_PROGRESS_EDIT_INTERVAL_S", defaults.progress_edit_interval_s
             ),
+            discord_api_base=(env.get("DISCORD_API_BASE") or DISCORD_API_BASE).rstrip("/"),
+            link_ttl_s=int(env.get("BOT_LINK_TTL_S") or defaults.link_ttl_s),
         )

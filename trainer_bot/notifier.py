@@ -13,6 +13,8 @@ import redis.asyncio as aioredis
 
 from schemas.events import (
     EVENTS_STREAM,
+    EvalCompleted,
+    EvalFailed,
     NotAnEvent,
     TrainCompleted,
     TrainEvent,
@@ -22,8 +24,10 @@ from schemas.events import (
     decode_event,
 )
 from trainer_bot import embeds
-from trainer_bot.embeds import DirectMessage
-from trainer_bot.sinks import DmRefused, DmSink, MessageGone, SentMessage
+from trainer_bot.embeds import DirectMessage, Download
+from trainer_bot.live import LiveMessages
+from trainer_bot.sinks import DmRefused, DmSink
+from trainer_store.metrics import Counter, count
 
 log = logging.getLogger(__name__)
 
@@ -33,22 +37,20 @@ ATTEMPTS_KEY = "trainer:bot:attempts"
 # A DM recorded as sent is remembered longer than any entry can stay pending or be re-read.
 SENT_TTL_S = 7 * 24 * 3600
 ATTEMPTS_TTL_S = 7 * 24 * 3600
-# The progress message of a run is edited as long as its run record lives (30 days).
-RUN_STATE_TTL_S = 30 * 24 * 3600
 PARKED_MAXLEN = 10_000
 # Only transport trouble is retried with backoff; a Redis answer that is an error is a bug to surface.
 REDIS_DOWN = (redis.ConnectionError, redis.TimeoutError)
 
 LossCurve = Callable[[str], Awaitable[bytes | None]]
+DownloadLink = Callable[[str], Awaitable[Download | None]]
+
+
+async def no_download(run_id: str) -> Download | None:
+    return None
 
 
 def sent_key(dedup_id: str) -> str:
     return f"trainer:bot:sent:{dedup_id}"
-
-
-def run_state_key(run_id: str) -> str:
-    """The run's progress message (channel_id, message_id) and its started_ts, for edits after restarts."""
-    return f"trainer:bot:runs:{run_id}"
 
 
 @dataclass(frozen=True)
@@ -68,7 +70,6 @@ class NotifierSettings:
     block_ms: int = 1000
     backoff_initial_s: float = 0.5
     backoff_max_s: float = 30.0
-    public_api_url: str | None = None
 
 
 @dataclass
@@ -87,12 +88,17 @@ class Notifier:
         loss_curve: LossCurve,
         settings: NotifierSettings | None = None,
         *,
+        download: DownloadLink = no_download,
+        live: LiveMessages | None = None,
         clock: Callable[[], float] = time.monotonic,
         sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
     ) -> None:
         self._redis = client
         self._sink = sink
         self._loss_curve = loss_curve
+        self._download = download
+        # Shared with the commands, which create a queued run's live message.
+        self._live = live or LiveMessages(client, sink)
         self._settings = settings or NotifierSettings()
         self._clock = clock
         self._sleep = sleep
@@ -103,6 +109,8 @@ class Notifier:
         self._last_edit: dict[str, float] = {}
         self._newest_progress: dict[str, tuple[int, int]] = {}
         self._deferred: dict[str, _Deferred] = {}
+        # What each run's live message shows now, so its last edit keeps it.
+        self._shown: dict[str, DirectMessage] = {}
 
     async def run(self, stop: asyncio.Event) -> None:
         """Step until `stop` is set; a lost Redis connection is retried with exponential backoff."""
@@ -197,7 +205,7 @@ class Notifier:
             await self._dispatch(entry.entry_id, event)
         except DmRefused as exc:
             log.warning("event %s not delivered, and not retried: %s", entry.entry_id, exc)
-            await self._ack(entry.entry_id)
+            await self._ack(entry.entry_id, counted="bot_dms_refused")
         except Exception as exc:
             # It stays pending: the next recovery retries it, and parks it after too many tries.
             log.warning(
@@ -213,46 +221,69 @@ class Notifier:
             await self._ack(entry_id)
         elif isinstance(event, TrainProgress):
             await self._progress(entry_id, event)
+        elif isinstance(event, TrainStarted):
+            await self._started(entry_id, event)
         else:
+            if isinstance(event, (TrainCompleted, TrainFailed)):
+                await self._end_live(event)
             await self._once(entry_id, event)
 
-    async def _once(self, entry_id: str, event: TrainStarted | TrainCompleted | TrainFailed) -> None:
+    async def _started(self, entry_id: str, event: TrainStarted) -> None:
+        """The live message says the run started (again, after a resume); edits, so never twice."""
+        if event.ts is not None:
+            await self._live.remember(event.run_id, {"started_ts": event.ts})
+        await self._show(event.user_id, event.run_id, embeds.started(event))
+        await self._ack(entry_id)
+
+    async def _show(self, user_id: int, run_id: str, message: DirectMessage) -> None:
+        self._last_edit[run_id] = self._clock()
+        await self._live.write(user_id, run_id, message)
+        self._shown[run_id] = message
+
+    async def _once(
+        self, entry_id: str, event: TrainCompleted | TrainFailed | EvalCompleted | EvalFailed
+    ) -> None:
         """Send a DM unless one was recorded for this event; record it right after Discord accepts it."""
-        if isinstance(event, (TrainCompleted, TrainFailed)):
-            await self._end_progress(event.run_id)
         dedup = sent_key(event.event_id or entry_id)
         already_sent = await self._redis.exists(dedup)
         if not already_sent:
             await self._sink.send(event.user_id, await self._render(event))
-        # One round trip records the DM, the run's start time and the acknowledgement together.
+        # One round trip records the DM and the acknowledgement together.
         pipe = self._redis.pipeline(transaction=False)
         if not already_sent:
             pipe.set(dedup, entry_id, ex=SENT_TTL_S)
-        if isinstance(event, TrainStarted) and event.ts is not None:
-            _remember(pipe, event.run_id, {"started_ts": event.ts})
+            count(pipe, "bot_dms_sent")
         _ack(pipe, entry_id)
         await pipe.execute()
 
-    async def _render(self, event: TrainStarted | TrainCompleted | TrainFailed) -> DirectMessage:
-        if isinstance(event, TrainStarted):
-            return embeds.started(event)
+    async def _render(
+        self, event: TrainCompleted | TrainFailed | EvalCompleted | EvalFailed
+    ) -> DirectMessage:
         if isinstance(event, TrainFailed):
             return embeds.failed(event)
-        public = self._settings.public_api_url
+        if isinstance(event, (EvalCompleted, EvalFailed)):
+            return embeds.evaluated(event)
+        state = await self._live.state(event.run_id)
         return embeds.completed(
             event,
             loss_curve=await self._loss_curve(event.run_id),
-            download_url=f"{public}/runs/{event.run_id}/artifact" if public else None,
+            download=await self._download(event.run_id),
+            test_split=state.test_split,
         )
 
-    async def _end_progress(self, run_id: str) -> None:
-        """The run ended: its waiting progress is written now, so the message shows the final state."""
-        self._last_edit.pop(run_id, None)  # lifts the throttle for this one last edit
+    async def _end_live(self, event: TrainCompleted | TrainFailed) -> None:
+        """The run ended: its live message shows its last state, marked ended, with Cancel disabled."""
+        run_id = event.run_id
         deferred = self._deferred.pop(run_id, None)
+        last = self._shown.get(run_id)
         if deferred is not None:
-            await self._attempt(StreamEntry(deferred.entry_id, None), deferred.event)
-        self._last_edit.pop(run_id, None)
-        self._newest_progress.pop(run_id, None)
+            last = embeds.progress(deferred.event, (await self._live.state(run_id)).started_ts)
+        await self._live.write(event.user_id, run_id, embeds.ended(event, last), create=False)
+        if deferred is not None:
+            await self._ack(deferred.entry_id)
+        for per_run in (self._last_edit, self._newest_progress, self._shown):
+            per_run.pop(run_id, None)
+        self._live.forget_lock(run_id)
 
     async def _progress(self, entry_id: str, event: TrainProgress) -> None:
         order = _order(entry_id)
@@ -282,29 +313,15 @@ class Notifier:
                 await self._attempt(entry, deferred.event)
 
     async def _write_progress(self, entry_id: str, event: TrainProgress) -> None:
-        """Edit the run's one progress message; send it first if it does not exist yet (or was deleted)."""
-        state = await self._redis.hgetall(run_state_key(event.run_id))
-        started_ts = _float_field(state, "started_ts")
-        message = embeds.progress(event, started_ts)
-        channel_id, message_id = _int_field(state, "channel_id"), _int_field(state, "message_id")
-        self._last_edit[event.run_id] = self._clock()
-        try:
-            if channel_id is None or message_id is None:
-                raise MessageGone("no progress message yet")
-            await self._sink.edit(SentMessage(channel_id, message_id), message)
-        except MessageGone:
-            sent = await self._sink.send(event.user_id, message)
-            await self._remember(event.run_id, {"channel_id": sent.channel_id, "message_id": sent.message_id})
+        started_ts = (await self._live.state(event.run_id)).started_ts
+        await self._show(event.user_id, event.run_id, embeds.progress(event, started_ts))
         await self._ack(entry_id)
 
-    async def _remember(self, run_id: str, fields: dict[str, float | int]) -> None:
-        pipe = self._redis.pipeline(transaction=False)
-        _remember(pipe, run_id, fields)
-        await pipe.execute()
-
-    async def _ack(self, entry_id: str) -> None:
+    async def _ack(self, entry_id: str, counted: Counter | None = None) -> None:
         pipe = self._redis.pipeline(transaction=False)
         _ack(pipe, entry_id)
+        if counted is not None:
+            count(pipe, counted)
         await pipe.execute()
 
     async def _count_failure(self, entry: StreamEntry, error: Exception) -> None:
@@ -326,14 +343,7 @@ class Notifier:
             approximate=True,
         )
         log.error("event %s parked in %s after repeated failures: %s", entry_id, PARKED_STREAM, reason)
-        await self._ack(entry_id)
-
-
-def _remember(pipe: aioredis.client.Pipeline, run_id: str, fields: dict[str, float | int]) -> None:
-    key = run_state_key(run_id)
-    for name, value in fields.items():
-        pipe.hset(key, name, value)
-    pipe.expire(key, RUN_STATE_TTL_S)
+        await self._ack(entry_id, counted="bot_dms_parked")
 
 
 def _ack(pipe: aioredis.client.Pipeline, entry_id: str) -> None:
@@ -369,13 +379,3 @@ def _stream_entries(items: object) -> list[StreamEntry]:
 def _order(entry_id: str) -> tuple[int, int]:
     millis, _, seq = entry_id.partition("-")
     return int(millis), int(seq or 0)
-
-
-def _float_field(state: object, name: str) -> float | None:
-    value = state.get(name) if isinstance(state, dict) else None
-    return float(value) if isinstance(value, str) else None
-
-
-def _int_field(state: object, name: str) -> int | None:
-    value = state.get(name) if isinstance(state, dict) else None
-    return int(value) if isinstance(value, str) else None

@@ -11,7 +11,7 @@ from typing import Protocol
 
 import nextcord
 
-from trainer_bot.embeds import DirectMessage
+from trainer_bot.embeds import Button, DirectMessage, clip
 
 log = logging.getLogger(__name__)
 
@@ -38,6 +38,32 @@ class DmSink(Protocol):
 
     async def edit(self, sent: SentMessage, message: DirectMessage) -> None: ...
 
+    async def set_buttons(self, sent: SentMessage, buttons: tuple[Button, ...]) -> None:
+        """Change only the buttons of a message (disable those that no longer apply)."""
+
+
+STYLES = {
+    "primary": nextcord.ButtonStyle.primary,
+    "secondary": nextcord.ButtonStyle.secondary,
+    "danger": nextcord.ButtonStyle.danger,
+}
+
+
+def view_of(buttons: tuple[Button, ...]) -> nextcord.ui.View:
+    """The buttons as components. Nothing is kept in memory per message: one handler dispatches every
+    press by custom_id (trainer_bot.buttons), so presses work on messages sent before a restart."""
+    view = nextcord.ui.View(timeout=None, prevent_update=False)
+    for button in buttons:
+        view.add_item(
+            nextcord.ui.Button(
+                style=STYLES[button.style],
+                label=button.label,
+                custom_id=button.custom_id,
+                disabled=button.disabled,
+            )
+        )
+    return view
+
 
 class DiscordSink:
     """DMs through nextcord's HTTP client, which honours rate limits and retries 429 itself."""
@@ -48,15 +74,17 @@ class DiscordSink:
         self._channels: dict[int, int] = {}
 
     async def send(self, user_id: int, message: DirectMessage) -> SentMessage:
+        message = clip(message)
         try:
             channel_id = await self._dm_channel(user_id)
             channel = self._client.get_partial_messageable(channel_id, type=nextcord.ChannelType.private)
+            view = view_of(message.buttons)
             if message.attachment is None:
-                sent = await channel.send(embed=message.embed)
+                sent = await channel.send(embed=message.embed, view=view)
             else:
                 data = io.BytesIO(message.attachment.data)
                 file = nextcord.File(data, filename=message.attachment.filename)
-                sent = await channel.send(embed=message.embed, file=file)
+                sent = await channel.send(embed=message.embed, file=file, view=view)
         except nextcord.Forbidden as exc:
             if exc.code == DMS_CLOSED:
                 raise DmRefused(f"user {user_id} does not accept direct messages") from exc
@@ -70,9 +98,16 @@ class DiscordSink:
         return self._channels[user_id]
 
     async def edit(self, sent: SentMessage, message: DirectMessage) -> None:
+        message = clip(message)
+        await self._edit(sent, embed=message.embed, view=view_of(message.buttons))
+
+    async def set_buttons(self, sent: SentMessage, buttons: tuple[Button, ...]) -> None:
+        await self._edit(sent, view=view_of(buttons))
+
+    async def _edit(self, sent: SentMessage, **changes: nextcord.Embed | nextcord.ui.View) -> None:
         channel = self._client.get_partial_messageable(sent.channel_id, type=nextcord.ChannelType.private)
         try:
-            await channel.get_partial_message(sent.message_id).edit(embed=message.embed)
+            await channel.get_partial_message(sent.message_id).edit(**changes)
         except nextcord.NotFound as exc:
             raise MessageGone(f"message {sent.message_id} is gone") from exc
 
@@ -94,6 +129,11 @@ class ConsoleSink:
             f"--- DM to user {sent.channel_id} (message {sent.message_id}, edited) ---\n{as_text(message)}"
         )
 
+    async def set_buttons(self, sent: SentMessage, buttons: tuple[Button, ...]) -> None:
+        self._write(
+            f"--- DM to user {sent.channel_id} (message {sent.message_id}, buttons) ---\n{_buttons(buttons)}"
+        )
+
 
 def as_text(message: DirectMessage) -> str:
     embed = message.embed
@@ -103,4 +143,10 @@ def as_text(message: DirectMessage) -> str:
     lines.extend(f"{field.name}: {field.value}" for field in embed.fields)
     if message.attachment is not None:
         lines.append(f"[attached {message.attachment.filename}, {len(message.attachment.data):,} bytes]")
+    if message.buttons:
+        lines.append(_buttons(message.buttons))
     return "\n".join(lines)
+
+
+def _buttons(buttons: tuple[Button, ...]) -> str:
+    return " ".join(f"[{b.label}{' (disabled)' if b.disabled else ''}]" for b in buttons) or "[no buttons]"

@@ -1,11 +1,11 @@
-"""A run's take-away files beside the model: metrics.csv, loss_curve.png, manifest.json, logs.jsonl."""
+"""A run's take-away files beside the model (metrics.csv, loss_curve.png, manifest.json) and its log."""
 
 from __future__ import annotations
 
 import csv
 import json
 import logging
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -67,22 +67,26 @@ def write_manifest(path: Path, manifest: dict[str, object]) -> None:
 
 
 class JsonLinesHandler(logging.Handler):
-    """Log records as one JSON object per line: ts, level, logger, message."""
+    """Log records as one JSON object per line (ts, level, logger, message), to a file and to `also`."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, also: Callable[[str], None]) -> None:
         super().__init__(level=logging.INFO)
         path.parent.mkdir(parents=True, exist_ok=True)
         self._handle = path.open("a", encoding="utf-8")
+        self._also = also
 
     def emit(self, record: logging.LogRecord) -> None:
-        line = {
-            "ts": record.created,
-            "level": record.levelname,
-            "logger": record.name,
-            "message": record.getMessage(),
-        }
-        self._handle.write(json.dumps(line) + "\n")
+        line = json.dumps(
+            {
+                "ts": record.created,
+                "level": record.levelname,
+                "logger": record.name,
+                "message": record.getMessage(),
+            }
+        )
+        self._handle.write(line + "\n")
         self._handle.flush()
+        self._also(line)
 
     def close(self) -> None:
         self._handle.close()
@@ -90,9 +94,10 @@ class JsonLinesHandler(logging.Handler):
 
 
 @contextmanager
-def captured_logs(path: Path) -> Iterator[None]:
-    """Write what the worker logs during a run to the run's logs.jsonl (one run per pool process)."""
-    handler = JsonLinesHandler(path)
+def captured_logs(path: Path, also: Callable[[str], None]) -> Iterator[None]:
+    """What the worker logs during a run (one run per pool process), whole in a local file and line by
+    line to `also` (the run's stream in Redis, which may drop lines rather than wait)."""
+    handler = JsonLinesHandler(path, also)
     root = logging.getLogger()
     root.addHandler(handler)
     previous = root.level

@@ -1,32 +1,21 @@
-"""Lightning callbacks that turn training hooks into run events; all I/O goes through what is injected."""
+"""Lightning callbacks: one guards the run, one turns training hooks into events; I/O is injected."""
 
 from __future__ import annotations
 
 import math
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
 
 import lightning as L
 import torch
 from lightning.pytorch.callbacks import OnExceptionCheckpoint
 from lightning.pytorch.utilities import rank_zero_only
 
-from schemas.events import TrainCompleted, TrainProgress, TrainStarted
+from schemas.events import TrainProgress, TrainStarted
 from trainer_tasks.artifacts import MetricsLog
-from trainer_tasks.errors import LeaseLost, RunCanceled, UserError
+from trainer_tasks.errors import LeaseLost, RunCanceled, TimeLimitReached, UserError
 from trainer_tasks.reporting import RunReporter
 from trainer_tasks.resources import ResourceSample
-
-
-@dataclass(frozen=True)
-class CompletedDetails:
-    artifact_path: str
-    params: int
-    sample: str | None
-
-
-Finish = Callable[[L.LightningModule], CompletedDetails]
 
 
 def scalar(value: object) -> float | None:
@@ -56,48 +45,30 @@ def finite_or_none(value: float | None) -> float | None:
     return value if value is not None and math.isfinite(value) else None
 
 
-class EventCallback(L.Callback):
-    """started once, progress at most every `interval_s` plus once per epoch, then completed or failed."""
+class RunGuard(L.Callback):
+    """Stops a run that must not go on: a loss that is no longer finite, a lost lease, a cancel request,
+    a run that has trained as long as a run may.
+
+    Put it before the callbacks that record a step, so a step it refuses is recorded by none of them.
+    """
 
     def __init__(
         self,
-        reporter: RunReporter,
+        run_id: str,
         *,
-        started: TrainStarted,
-        finish: Finish,
-        metrics: MetricsLog,
-        interval_s: float,
-        samples_per_step: int,
-        tokens_per_sample: int,
         learning_rate: float,
         cancel_requested: Callable[[], bool],
         lease_lost: Callable[[], bool],
-        resources: Callable[[], ResourceSample],
-        clock: Callable[[], float] = time.monotonic,
+        over_time_limit: Callable[[], bool] = lambda: False,
+        max_run_s: float = 24 * 3600.0,
     ) -> None:
-        self._reporter = reporter
-        self._started = started
-        self._finish = finish
-        self._metrics = metrics
-        self._interval_s = interval_s
-        self._samples_per_step = samples_per_step
-        self._tokens_per_sample = tokens_per_sample
+        self._run_id = run_id
         self._learning_rate = learning_rate
         self._cancel_requested = cancel_requested
         self._lease_lost = lease_lost
-        self._resources = resources
-        self._clock = clock
-        self._last_loss = math.nan
-        self._started_at = 0.0
-        self._last_sent_at = 0.0
-        self._last_sent_step = 0
-        self._canceled = False
-
-    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self._started_at = self._last_sent_at = self._clock()
-        self._last_sent_step = trainer.global_step
-        if trainer.is_global_zero:
-            self._reporter.started(self._started)
+        self._over_time_limit = over_time_limit
+        self._max_run_s = max_run_s
+        self.canceled = False
 
     def on_train_batch_end(
         self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: object, batch: object, batch_idx: int
@@ -109,12 +80,73 @@ class EventCallback(L.Callback):
                 f"lower the learning rate (it was {self._learning_rate:g})"
             )
         if self._lease_lost():
-            raise LeaseLost(f"run {self._reporter.run_id}: lease lost at step {trainer.global_step}")
-        self._last_loss = loss
-        self._metrics.train(trainer.global_step, trainer.current_epoch + 1, loss, current_lr(trainer))
+            raise LeaseLost(f"run {self._run_id}: lease lost at step {trainer.global_step}")
         if self._cancel_requested():
-            self._canceled = True
+            self.canceled = True
             trainer.should_stop = True
+        elif self._over_time_limit():
+            # Raised from a hook: ResumableCheckpoint saves last.ckpt, the events callback reports it.
+            raise TimeLimitReached(
+                f"the run reached the training time limit of {self._max_run_s:g} s (APP__MAX_RUN_S) "
+                f"at step {trainer.global_step}; its last checkpoint is kept"
+            )
+
+    def final_loss(self, trainer: L.Trainer) -> float:
+        """The validation loss a finished fit ended with; raises when the run must not complete."""
+        if self.canceled:
+            raise RunCanceled
+        val_loss = scalar(trainer.callback_metrics.get("val_loss"))
+        if val_loss is None:
+            raise RuntimeError("training ended without a validation loss")
+        if not math.isfinite(val_loss):
+            raise UserError(
+                f"the validation loss is {val_loss}: lower the learning rate ({self._learning_rate:g})"
+            )
+        return val_loss
+
+
+class EventCallback(L.Callback):
+    """Turns hooks into events: started once, progress at most every `interval_s` plus once per epoch,
+    failed when training raises; it records each step's losses in `metrics` for the artifacts."""
+
+    def __init__(
+        self,
+        reporter: RunReporter,
+        *,
+        started: TrainStarted,
+        metrics: MetricsLog,
+        interval_s: float,
+        samples_per_step: int,
+        tokens_per_sample: int,
+        resources: Callable[[], ResourceSample],
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._reporter = reporter
+        self._started = started
+        self._metrics = metrics
+        self._interval_s = interval_s
+        self._samples_per_step = samples_per_step
+        self._tokens_per_sample = tokens_per_sample
+        self._resources = resources
+        self._clock = clock
+        self._last_loss = math.nan
+        self._last_sent_at = 0.0
+        self._last_sent_step = 0
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._last_sent_at = self._clock()
+        self._last_sent_step = trainer.global_step
+        if trainer.is_global_zero:
+            self._reporter.started(self._started)
+
+    def on_train_batch_end(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: object, batch: object, batch_idx: int
+    ) -> None:
+        loss = scalar(outputs)
+        self._last_loss = math.nan if loss is None else loss  # RunGuard has stopped a run without one
+        self._metrics.train(
+            trainer.global_step, trainer.current_epoch + 1, self._last_loss, current_lr(trainer)
+        )
         if self._clock() - self._last_sent_at >= self._interval_s:
             self._send_progress(trainer)
 
@@ -159,32 +191,6 @@ class EventCallback(L.Callback):
         )
         self._last_sent_at, self._last_sent_step = now, trainer.global_step
 
-    def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if self._canceled:
-            raise RunCanceled
-        val_loss = scalar(trainer.callback_metrics.get("val_loss"))
-        if val_loss is None:
-            raise RuntimeError("training ended without a validation loss")
-        if not math.isfinite(val_loss):
-            raise UserError(
-                f"the validation loss is {val_loss}: lower the learning rate ({self._learning_rate:g})"
-            )
-        details = self._finish(pl_module)
-        if trainer.is_global_zero:
-            self._reporter.completed(
-                TrainCompleted(
-                    request_id=self._reporter.run_id,
-                    run_id=self._reporter.run_id,
-                    user_id=self._reporter.user_id,
-                    loss=val_loss,
-                    perplexity=math.exp(val_loss),
-                    artifact_path=details.artifact_path,
-                    sample=details.sample,
-                    params=details.params,
-                    duration_s=round(self._clock() - self._started_at, 3),
-                )
-            )
-
     def on_exception(
         self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException
     ) -> None:
@@ -205,3 +211,7 @@ class ResumableCheckpoint(OnExceptionCheckpoint):
     ) -> None:
         if not isinstance(exception, LeaseLost):
             super().on_exception(trainer, pl_module, exception)
+
+    def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        """Keeps the file: ModelCheckpoint's `last.ckpt` has the same name, and a run's checkpoints stay
+        with its other working files until the run's record expires."""

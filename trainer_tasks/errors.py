@@ -5,6 +5,10 @@ class UserError(Exception):
     """The request cannot be trained as given (too small a corpus, a diverging loss)."""
 
 
+class TimeLimitReached(UserError):
+    """The run has trained for as long as a run may (APP__MAX_RUN_S, over all its attempts)."""
+
+
 class RunCanceled(Exception):
     """The user asked to stop the run."""
 

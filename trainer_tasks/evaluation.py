@@ -1,4 +1,4 @@
-"""Evaluates a finished run's saved model on one of its held-out splits."""
+"""Evaluates a finished run's saved model on one of its held-out splits, both read from the store."""
 
 from __future__ import annotations
 
@@ -8,16 +8,31 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM
 
+from trainer_store.cache import FileCache
+from trainer_store.layout import FileStores, model_folder, split_key
 from trainer_tasks.errors import UserError
 
 EVAL_BATCH_SIZE = 16
+# What AutoModelForCausalLM.from_pretrained reads of a model folder (generation_config.json if there).
+MODEL_FILES = ("config.json", "generation_config.json", "model.safetensors")
 
 
-def evaluate(model_dir: Path, splits_dir: Path, split: str) -> dict[str, object]:
-    """Mean next-token loss over the split's blocks, and its perplexity."""
-    split_file = splits_dir / f"{split}.pt"
-    if not split_file.is_file():
-        raise UserError(f"the run has no {split} split to evaluate")
+def evaluate(files: FileStores, cache: FileCache, run_id: str, split: str) -> dict[str, object]:
+    """Mean next-token loss of the run's model over the blocks of its split, and its perplexity."""
+    with cache.workspace(f"eval-{run_id}") as workspace:
+        try:
+            split_file = cache.fetch(files.runs, split_key(run_id, split), workspace / f"{split}.pt")
+        except FileNotFoundError as exc:
+            raise UserError(f"the run has no {split} split to evaluate") from exc
+        folder = model_folder(run_id)
+        stored = {found.name for found in files.artifacts.files(folder)}
+        names = [name for name in MODEL_FILES if name in stored]
+        return evaluate_files(
+            cache.fetch_folder(files.artifacts, folder, names, workspace / "model"), split_file, split
+        )
+
+
+def evaluate_files(model_dir: Path, split_file: Path, split: str) -> dict[str, object]:
     blocks: object = torch.load(split_file)
     if not isinstance(blocks, torch.Tensor):
         raise TypeError(f"{split_file} holds no token blocks")

@@ -1,4 +1,4 @@
-"""Event delivery: publish on `trainer:events` and append to the bounded stream, never raising."""
+"""Event delivery: publish on `trainer:events`, append to the global stream and the run's own; never raise."""
 
 from __future__ import annotations
 
@@ -6,15 +6,20 @@ import logging
 
 import redis
 
-from schemas.events import EVENTS_CHANNEL, EVENTS_STREAM, TrainEvent, encode_event
-from schemas.runs import run_key
+from schemas.events import EVENT_FIELD, EVENTS_CHANNEL, EVENTS_STREAM, TrainEvent, encode_event
+from trainer_store.metrics import count
+from trainer_store.runs import FINISHED_RUN_TTL_S, RUN_EVENTS_MAXLEN, run_events_key, run_key
 
 log = logging.getLogger(__name__)
 
-# The run's last event on its record, only while the record exists: never recreate a deleted run.
-_REMEMBER_LAST_EVENT = """
+# The run's last event on its record, and the event on the run's own stream (its history, for
+# GET /runs/{run_id}/events, outliving the run as its record does), only while the record exists:
+# never recreate a deleted run.
+_REMEMBER_EVENT = """
 if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
 redis.call('HSET', KEYS[1], 'last_event', ARGV[1], 'last_seq', ARGV[2])
+redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[3], '*', ARGV[4], ARGV[1])
+redis.call('EXPIRE', KEYS[2], ARGV[5])
 return 1
 """
 
@@ -25,7 +30,7 @@ class EventBus:
     def __init__(self, client: redis.Redis, stream_maxlen: int) -> None:
         self._redis = client
         self._stream_maxlen = stream_maxlen
-        self._remember = client.register_script(_REMEMBER_LAST_EVENT)
+        self._remember = client.register_script(_REMEMBER_EVENT)
 
     def send(self, event: TrainEvent) -> bool:
         try:
@@ -36,8 +41,13 @@ class EventBus:
         pipe = self._redis.pipeline(transaction=False)
         pipe.publish(EVENTS_CHANNEL, payload)
         # Approximate trimming keeps XADD O(1); the stream holds about the newest `stream_maxlen` events.
-        pipe.xadd(EVENTS_STREAM, {"event": payload}, maxlen=self._stream_maxlen, approximate=True)
-        self._remember(keys=[run_key(event.run_id)], args=[payload, event.seq or 0], client=pipe)
+        pipe.xadd(EVENTS_STREAM, {EVENT_FIELD: payload}, maxlen=self._stream_maxlen, approximate=True)
+        self._remember(
+            keys=[run_key(event.run_id), run_events_key(event.run_id)],
+            args=[payload, event.seq or 0, RUN_EVENTS_MAXLEN, EVENT_FIELD, FINISHED_RUN_TTL_S],
+            client=pipe,
+        )
+        count(pipe, "events_published")
         try:
             pipe.execute()
         except redis.RedisError as exc:

@@ -10,7 +10,7 @@ from types import TracebackType
 
 import redis
 
-from schemas.runs import RunStore
+from trainer_store.runs import RunStore
 
 log = logging.getLogger(__name__)
 

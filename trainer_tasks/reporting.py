@@ -12,11 +12,13 @@ from typing import TypeVar
 import redis
 
 from schemas.events import ErrorKind, FailedStatus, TrainCompleted, TrainFailed, TrainProgress, TrainStarted
-from schemas.runs import RunStore
+from trainer_store.runs import RedisValue, RunStore
+from trainer_store.storage import StoreUnavailable
 from trainer_tasks.errors import RunCanceled, UserError
 from trainer_tasks.events import EventBus
 
 log = logging.getLogger(__name__)
+CANCELED_BEFORE_TRAINING = "canceled at the user's request before training started"
 E = TypeVar("E", TrainStarted, TrainProgress, TrainCompleted, TrainFailed)
 
 
@@ -83,6 +85,23 @@ class RunReporter:
         if not recorded:
             # The run had already ended (or another executor took it): its story is told elsewhere.
             return
+        self._tell_failed(status, error_kind, message)
+
+    def canceled_while_queued(self) -> bool:
+        """End a run its user canceled before any worker took it; False when one has (it sees the flag)."""
+        now = self._clock()
+        fields: dict[str, RedisValue] = {
+            "message": CANCELED_BEFORE_TRAINING,
+            "error_kind": "user",
+            "finished_at": now,
+        }
+        if not self._store.transition(self.run_id, ("queued",), "canceled", fields, now=now):
+            return False
+        self.finished = True
+        self._tell_failed("canceled", "user", CANCELED_BEFORE_TRAINING)
+        return True
+
+    def _tell_failed(self, status: FailedStatus, error_kind: ErrorKind, message: str) -> None:
         event = TrainFailed(
             request_id=self.run_id,
             run_id=self.run_id,
@@ -94,11 +113,15 @@ class RunReporter:
         self._bus.send(self._stamp(event))
 
     def failed_with(self, exc: BaseException) -> None:
-        """Say why a run ended early: the user's to fix, a cancel, or ours (details stay in the log)."""
+        """Say why a run ended early: the user's to fix, a cancel, a store that failed, or ours (details
+        stay in the log)."""
         if isinstance(exc, RunCanceled):
             self.failed("user", "canceled at the user's request", canceled=True)
         elif isinstance(exc, UserError):
             self.failed("user", str(exc))
+        elif isinstance(exc, StoreUnavailable):
+            # Operators need to know which store: its root and endpoint (never a credential).
+            self.failed("system", f"the run could not use {exc.store}: {exc.reason}")
         else:
             self.failed(
                 "system",

@@ -8,10 +8,27 @@ from pathlib import Path
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
+from trainer_store.cache import FileCache
+from trainer_store.layout import TOKENIZER_FILE, FileStores, corpus_key, tokenizer_folder
+from trainer_store.storage import Storage
 from trainer_tasks.errors import UserError
 
 END_OF_TEXT = "<|endoftext|>"
 AUTO_VOCAB_SIZE = 8192
+
+
+CORPUS_GONE = "the corpus file no longer exists: upload it again"
+
+
+def fetch_corpus(corpora: Storage, cache: FileCache, corpus_path: str, workspace: Path) -> Path:
+    """A local copy of the corpus a request names (a key under the corpus root, or a path from before)."""
+    key = corpus_key(corpora, corpus_path)
+    try:
+        if key is None:
+            raise FileNotFoundError(corpus_path)
+        return cache.fetch(corpora, key, workspace / "corpus.txt")
+    except FileNotFoundError as exc:  # not there, or removed between the two looks
+        raise UserError(CORPUS_GONE) from exc
 
 
 def read_corpus(path: Path) -> str:
@@ -20,7 +37,7 @@ def read_corpus(path: Path) -> str:
     except UnicodeDecodeError as exc:
         raise UserError(f"the corpus is not UTF-8 text (byte {exc.start}): upload it as UTF-8") from exc
     except FileNotFoundError as exc:
-        raise UserError("the corpus file no longer exists: upload it again") from exc
+        raise UserError(CORPUS_GONE) from exc
     if not text.strip():
         raise UserError("the corpus is empty: give it some text to learn from")
     return text
@@ -67,7 +84,7 @@ def measure(tokenizer: Tokenizer, holdout: str) -> TokenizerStats:
 def save_tokenizer(tokenizer: Tokenizer, folder: Path, max_len: int | None = None) -> None:
     """The files `AutoTokenizer.from_pretrained(folder)` reads for a fast tokenizer."""
     folder.mkdir(parents=True, exist_ok=True)
-    tokenizer.save(str(folder / "tokenizer.json"))
+    tokenizer.save(str(folder / TOKENIZER_FILE))
     config: dict[str, object] = {
         "tokenizer_class": "PreTrainedTokenizerFast",
         "bos_token": END_OF_TEXT,
@@ -83,8 +100,11 @@ def load_tokenizer(path: Path) -> Tokenizer:
     return Tokenizer.from_file(str(path))
 
 
-def train_from_request(request: dict[str, object], folder: Path) -> dict[str, object]:
-    """The tokenizer task's work: train on the corpus minus its held-out tail, measure on that tail."""
+def train_from_request(
+    request: dict[str, object], files: FileStores, cache: FileCache, tokenizer_id: str
+) -> dict[str, object]:
+    """The tokenizer task's work: train on the corpus minus its held-out tail, measure on that tail,
+    and put the tokenizer in the artifacts root (tokenizer.json last: it is what a run reads)."""
     corpus_path, vocab_size = request.get("corpus_path"), request.get("vocab_size", AUTO_VOCAB_SIZE)
     min_frequency, holdout_fraction = request.get("min_frequency", 2), request.get("holdout_fraction", 0.1)
     if not (
@@ -94,14 +114,17 @@ def train_from_request(request: dict[str, object], folder: Path) -> dict[str, ob
         and isinstance(holdout_fraction, (int, float))
     ):
         raise TypeError("malformed tokenizer request")
-    text = read_corpus(Path(corpus_path))
-    cut = int(len(text) * (1 - holdout_fraction))
-    tokenizer = train_tokenizer(text[:cut], vocab_size, min_frequency)
-    stats = measure(tokenizer, text[cut:])
-    save_tokenizer(tokenizer, folder)
+    with cache.workspace(f"tokenizer-{tokenizer_id}") as workspace:
+        text = read_corpus(fetch_corpus(files.corpora, cache, corpus_path, workspace))
+        cut = int(len(text) * (1 - holdout_fraction))
+        tokenizer = train_tokenizer(text[:cut], vocab_size, min_frequency)
+        stats = measure(tokenizer, text[cut:])
+        save_tokenizer(tokenizer, workspace / "tokenizer")
+        folder = tokenizer_folder(tokenizer_id)
+        files.artifacts.upload_folder(workspace / "tokenizer", folder, last=TOKENIZER_FILE)
     return {
         "vocab_size": stats.vocab_size,
         "tokens_per_char": stats.tokens_per_char,
         "multibyte_coverage": stats.multibyte_coverage,
-        "artifact_path": str(folder.resolve()),
+        "artifact_path": files.artifacts.url(folder),
     }

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import redis
 
-from schemas.records import decoded, text
+from trainer_store.records import decoded, is_record_id, text
 
 # Kept until deleted through the API.
 CORPUS_INDEX = "trainer:corpora"
@@ -48,6 +48,8 @@ class CorpusStore:
         pipe.execute()
 
     def get(self, corpus_id: str) -> CorpusRecord | None:
+        if not is_record_id(corpus_id):
+            return None
         raw = decoded(self._redis.hgetall(corpus_key(corpus_id)))
         if not raw:
             return None

@@ -3,15 +3,13 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
 
 import redis
 from redis.typing import EncodableT, FieldT
 
-from schemas.records import compact_json, decoded, json_object, optional_float
+from schemas.status import JOB_STATUSES, JobStatus
+from trainer_store.records import compact_json, decoded, json_object, optional_float
 
-JobStatus = Literal["queued", "running", "completed", "failed"]
-JOB_STATUSES: tuple[JobStatus, ...] = ("queued", "running", "completed", "failed")
 # A finished job's record is kept as long as a finished run's.
 FINISHED_JOB_TTL_S = 30 * 24 * 3600
 
@@ -78,6 +76,9 @@ class JobStore:
 
     def fail(self, key: str, message: str, now: float) -> None:
         self._finish(key, {"status": "failed", "message": message}, now)
+
+    def delete(self, key: str) -> None:
+        self._redis.delete(key)
 
     def _finish(self, key: str, fields: dict[FieldT, EncodableT], now: float) -> None:
         pipe = self._redis.pipeline()

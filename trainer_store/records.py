@@ -3,11 +3,21 @@
 from __future__ import annotations
 
 import json
+import re
+
+# Ids become parts of Redis keys (`trainer:runs:<id>`, `trainer:runs:<id>:lease`): one with a `:`
+# could name another record's key. Ours are hex; anything else names no record.
+_RECORD_ID = re.compile(r"[A-Za-z0-9_.-]{1,128}")
 
 
 def text(value: object) -> str:
     """A Redis reply as str: bytes from a raw client, str from a decoding one."""
     return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def is_record_id(value: str) -> bool:
+    """Whether `value` can be the id of a record (a run, a corpus, a tokenizer); the others name none."""
+    return _RECORD_ID.fullmatch(value) is not None
 
 
 def decoded(raw: dict[bytes | str, bytes | str]) -> dict[str, str]:

@@ -1,0 +1,133 @@
+"""trainer_tasks.maintenance: periodic checks, one worker at a time, from a thread of the main process."""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import redis
+
+from schemas.queues import RESUMED_PRIORITY
+from scripts import devstack
+from tests.test_runner import SendTaskRecorder
+from trainer_store.runs import RunStore
+from trainer_store.settings import Settings
+from trainer_tasks.app import TRAIN_TASK, celery_app
+from trainer_tasks.maintenance import (
+    LOCK_KEY,
+    Maintenance,
+    MaintenanceStep,
+    PeriodicCheck,
+    checks_for,
+    for_this_worker,
+)
+
+
+class Calls:
+    def __init__(self, fail: bool = False) -> None:
+        self.times: list[float] = []
+        self.fail = fail
+
+    def __call__(self, now: float) -> None:
+        self.times.append(now)
+        if self.fail:
+            raise RuntimeError("the store is away")
+
+
+def test_each_check_runs_under_the_lock_and_one_failing_does_not_stop_the_next(
+    redis_client: redis.Redis, caplog: pytest.LogCaptureFixture
+) -> None:
+    failing, next_one = Calls(fail=True), Calls()
+    held: list[bytes | str | None] = []
+    checks = [
+        PeriodicCheck("failing", failing),
+        PeriodicCheck("looks at the lock", lambda now: held.append(redis_client.get(LOCK_KEY))),
+        PeriodicCheck("next", next_one),
+    ]
+    maintenance = Maintenance(redis_client, checks, 60.0, "worker-a", clock=lambda: 123.0)
+    with caplog.at_level(logging.ERROR, logger="trainer_tasks.maintenance"):
+        assert maintenance.run_once()
+    assert (failing.times, next_one.times, held) == ([123.0], [123.0], [b"worker-a"])
+    assert "periodic check 'failing' failed" in caplog.text
+    assert not redis_client.exists(LOCK_KEY)  # released for the next worker
+
+
+def test_a_worker_that_finds_the_lock_taken_does_nothing(redis_client: redis.Redis) -> None:
+    calls = Calls()
+    redis_client.set(LOCK_KEY, "worker-b", px=60_000)
+    assert not Maintenance(redis_client, [PeriodicCheck("c", calls)], 60.0, "worker-a").run_once()
+    assert calls.times == []
+    assert redis_client.get(LOCK_KEY) == b"worker-b"
+
+
+def test_redis_away_skips_a_round_and_a_lock_it_cannot_release_expires(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    service, url = devstack.start_redis(tmp_path)
+    client = redis.Redis.from_url(url, socket_timeout=1)
+    try:
+        maintenance = Maintenance(
+            client, [PeriodicCheck("stops redis", lambda now: service.stop())], 60.0, "w"
+        )
+        with caplog.at_level(logging.WARNING, logger="trainer_tasks.maintenance"):
+            assert maintenance.run_once()  # ran; the lock could not be released
+            assert not maintenance.run_once()  # no Redis: no lock, no checks
+    finally:
+        service.stop()
+    assert "maintenance lock not released (it expires by itself)" in caplog.text
+    assert "periodic checks skipped" in caplog.text
+
+
+def test_the_loop_runs_every_interval_until_stopped(redis_client: redis.Redis) -> None:
+    ran = threading.Event()
+    maintenance = Maintenance(redis_client, [PeriodicCheck("c", lambda now: ran.set())], 0.05, "w")
+    maintenance.stop()  # never started: nothing to wait for
+    maintenance = Maintenance(redis_client, [PeriodicCheck("c", lambda now: ran.set())], 0.05, "w")
+    maintenance.start()
+    assert ran.wait(10)
+    began = time.monotonic()
+    maintenance.stop()
+    assert time.monotonic() - began < 5
+
+
+def test_every_worker_looks_for_dead_workers_runs_and_sweeps_expired_runs(redis_url: str) -> None:
+    built = for_this_worker({"REDIS_URL": redis_url, "APP__MAINTENANCE_INTERVAL_S": "7"})
+    names = ["runs whose worker died", "working files of expired runs"]
+    assert [(check.name, check.exclusive) for check in built.checks] == list(
+        zip(names, [False, True], strict=True)
+    )
+    assert built.interval_s == 7.0
+    # Never longer than half the lease: a dead worker's run is found within 1.5 leases of its last beat.
+    short_lease = for_this_worker({"REDIS_URL": redis_url, "APP__LEASE_S": "3"})
+    assert short_lease.interval_s == 1.5
+    assert [check.name for check in checks_for(Settings(), redis.Redis())] == names
+    assert MaintenanceStep in celery_app.steps["worker"]
+
+
+def test_shared_checks_run_even_when_another_worker_holds_the_lock(redis_client: redis.Redis) -> None:
+    shared, exclusive = Calls(), Calls()
+    redis_client.set(LOCK_KEY, "worker-b", px=60_000)
+    checks = [PeriodicCheck("shared", shared, exclusive=False), PeriodicCheck("exclusive", exclusive)]
+    maintenance = Maintenance(redis_client, checks, 60.0, "worker-a", clock=lambda: 5.0)
+    assert not maintenance.run_once()
+    assert (shared.times, exclusive.times) == ([5.0], [])
+
+
+def test_the_dead_workers_check_sends_an_abandoned_run_back_ahead(
+    redis_client: redis.Redis, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    recorder = SendTaskRecorder()
+    monkeypatch.setattr(celery_app, "send_task", recorder)
+    store = RunStore(redis_client)
+    store.create(run_id="r1", job_id="j", user_id=1, request={}, now=1.0, queue="gpu")
+    assert store.claim("r1", "host:1:dead", 0.001, time.time())
+    time.sleep(0.01)  # its worker died: the lease expires
+    [dead_workers, _] = checks_for(Settings(), redis_client)
+    dead_workers.run(time.time())
+    assert recorder.calls == [(TRAIN_TASK, ["r1"], "gpu", RESUMED_PRIORITY, None, True)]
+    record = store.get("r1")
+    assert record is not None
+    assert record.status == "queued"

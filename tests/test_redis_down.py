@@ -1,0 +1,164 @@
+"""Redis away when a request arrives, or lost between a run's record and its task, on a real Redis the
+test stops (and, with its append-only file, starts again)."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import redis
+from celery import Celery
+from flask.testing import FlaskClient
+from werkzeug.test import TestResponse
+
+from schemas.queues import broker_lists
+from scripts import devstack
+from tests.test_api import SNOWFLAKE, assert_envelope, json_of, submit, valid_body
+from trainer_api import create_app, limits
+from trainer_api.idempotency import HEADER, PENDING_S, record_key
+from trainer_api.services import Task, sender
+from trainer_store.records import text
+from trainer_store.runs import NEVER_SENT_MESSAGE, UNSENT_RUNS_KEY, RunStore, run_key
+from trainer_store.settings import Settings
+from trainer_tasks.app import TRAIN_TASK
+
+# A request to an API whose Redis is away answers within this (the client's timeouts and retries).
+PROMPT_S = 5.0
+
+
+@pytest.fixture
+def own_redis(tmp_path: Path) -> Iterator[tuple[devstack.Service, str, Path]]:
+    """A Redis of this test's own, with an append-only file, that the test may stop and start again."""
+    workdir = tmp_path / "redis"
+    workdir.mkdir()
+    service, url = devstack.start_redis(workdir, append_only=True)
+    yield service, url, workdir
+    service.stop()
+
+
+def restart(url: str, workdir: Path) -> devstack.Service:
+    port = int(url.rsplit(":", 1)[1].split("/", 1)[0])
+    service, _ = devstack.start_redis(workdir, port=port, append_only=True)
+    return service
+
+
+def timed_request(
+    client: FlaskClient, path: str, body: dict[str, object] | None = None
+) -> tuple[float, TestResponse]:
+    started = time.monotonic()
+    response = client.get(path) if body is None else client.post(path, json=body, headers={HEADER: "k-1"})
+    return time.monotonic() - started, response
+
+
+def test_requests_while_redis_is_down_answer_503_promptly(
+    own_redis: tuple[devstack.Service, str, Path], settings: Settings, tmp_path: Path
+) -> None:
+    service, url, workdir = own_redis
+    sent: list[str] = []
+    app = create_app(
+        Settings(
+            redis_url=url,
+            corpus_root=settings.corpus_root,
+            artifacts_root=str(tmp_path / "a"),
+            allow_offline_queues=True,  # no worker: tasks are recorded or sent to this Redis only
+        ),
+        dispatch=lambda task: sent.append(task.task_id),
+    )
+    client = app.test_client()
+    run_id = json_of(submit(client, valid_body()))["run_id"]
+    service.stop()
+
+    for path, body in ((f"/runs/{run_id}", None), ("/runs/train", valid_body()), ("/readyz", None)):
+        took, response = timed_request(client, path, body)
+        assert took < PROMPT_S, f"{path} took {took:.1f} s"
+        assert_envelope(response, 503, "SERVICE_UNAVAILABLE")
+    assert len(sent) == 1, "nothing was sent while Redis was down"
+
+    # Redis back: the same app reconnects on its own; its append-only file kept the run.
+    restarted = restart(url, workdir)
+    try:
+        status = client.get(f"/runs/{run_id}")
+        assert status.status_code == 200
+        assert json_of(status)["status"] == "queued"
+        assert submit(client, valid_body(user_id=0), headers={HEADER: "k-1"}).status_code == 202
+    finally:
+        restarted.stop()
+
+
+def test_redis_lost_between_the_record_and_the_task_leaves_no_queued_run(
+    own_redis: tuple[devstack.Service, str, Path],
+    settings: Settings,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Redis is killed (SIGKILL) after the run's record is written and before its task is sent: the
+    send fails, the API answers 503, and once Redis is back the run ends failed instead of waiting."""
+    service, url, workdir = own_redis
+    monkeypatch.setattr(limits, "UNSENT_GRACE_S", 1.0)
+    broker = Celery("trainer-test")
+    broker.config_from_object("celeryconfig")
+    broker.conf.update(broker_url=url, result_backend=url)
+    send = sender(broker)  # the API's own send, through a Celery app on this test's Redis
+    kills: list[int] = []
+
+    def dispatch(task: Task) -> None:
+        if not kills:
+            os.kill(service.process.pid, signal.SIGKILL)
+            service.process.wait()
+            kills.append(service.process.pid)
+        send(task)
+
+    app = create_app(
+        Settings(
+            redis_url=url,
+            corpus_root=settings.corpus_root,
+            artifacts_root=str(tmp_path / "a"),
+            allow_offline_queues=True,  # no worker: tasks are recorded or sent to this Redis only
+        ),
+        dispatch,
+    )
+    started = time.monotonic()
+    with caplog.at_level(logging.WARNING):
+        response = submit(app.test_client(), valid_body(), headers={HEADER: "k-2"})
+    took = time.monotonic() - started
+    assert_envelope(response, 503, "SERVICE_UNAVAILABLE")
+    assert took < PROMPT_S, f"the failed send took {took:.1f} s"
+    logged = " ".join(record.getMessage() for record in caplog.records)
+    assert "not queued, and not marked failed yet" in logged
+    assert f"could not free an {HEADER}" in logged
+
+    restarted = restart(url, workdir)
+    try:
+        client = redis.Redis.from_url(url)
+        store = RunStore(client)
+        [lost_key] = client.zrange(UNSENT_RUNS_KEY, 0, -1)
+        lost_id = text(lost_key).removeprefix(run_key(""))
+        record = store.get(lost_id)
+        assert record is not None
+        assert record.status == "queued", "the record was written, the task was not"
+        assert sum(client.llen(name) for name in broker_lists("training")) == 0
+        # The key could not be freed with Redis gone; its reservation frees itself within PENDING_S.
+        assert 0 < client.pttl(record_key("POST /runs/train", "k-2")) <= PENDING_S * 1000
+        time.sleep(1.2)
+
+        # The next request (any process's) fails the run that was never sent; its own run is queued.
+        accepted = submit(app.test_client(), valid_body())
+        assert accepted.status_code == 202, accepted.get_data(as_text=True)
+        lost = store.get(lost_id)
+        assert lost is not None
+        assert (lost.status, lost.error_kind, lost.message) == ("failed", "system", NEVER_SENT_MESSAGE)
+        assert store.counts()["queued"] == 1
+        assert store.active_for_user(SNOWFLAKE) == 1
+        [message] = [raw for name in broker_lists("training") for raw in client.lrange(name, 0, -1)]
+        task = json.loads(message)["headers"]
+        assert (task["task"], task["id"]) == (TRAIN_TASK, json_of(accepted)["job_id"])
+        client.close()
+    finally:
+        restarted.stop()

@@ -1,0 +1,70 @@
+"""Each task the API sends lands on its own queue's list in Redis, with no worker there to take it."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+
+import pytest
+import redis
+from celery import Celery
+
+import celeryconfig
+from schemas.queues import LIGHT_QUEUE, RESUMED_PRIORITY, TRAINING_QUEUE, broker_lists
+from trainer_api.services import Task, sender
+from trainer_tasks.app import CANCEL_QUEUED_TASK, EVALUATE_TASK, TOKENIZER_TASK, TRAIN_TASK, celery_app
+
+# A database no test worker consumes from: whatever is sent stays on its queue's list.
+QUIET_DB = 5
+
+
+@pytest.fixture
+def quiet_redis(redis_url: str) -> Iterator[tuple[str, redis.Redis]]:
+    url = redis_url.rsplit("/", 1)[0] + f"/{QUIET_DB}"
+    client = redis.Redis.from_url(url)
+    client.flushdb()
+    yield url, client
+    client.flushdb()
+    client.close()
+
+
+def queued(client: redis.Redis, queue: str) -> list[tuple[str, str]]:
+    """(task name, task id) of each message waiting on a queue, in the order a worker takes them."""
+    found = []
+    for name in broker_lists(queue):
+        for raw in reversed(client.lrange(name, 0, -1)):
+            headers = json.loads(raw)["headers"]
+            found.append((headers["task"], headers["id"]))
+    return found
+
+
+def test_routes_name_the_tasks_by_their_constants() -> None:
+    assert celeryconfig.task_routes == {
+        TRAIN_TASK: {"queue": TRAINING_QUEUE},
+        TOKENIZER_TASK: {"queue": LIGHT_QUEUE},
+        EVALUATE_TASK: {"queue": LIGHT_QUEUE},
+        CANCEL_QUEUED_TASK: {"queue": LIGHT_QUEUE},
+    }
+    assert celery_app.conf.task_routes == celeryconfig.task_routes
+    assert set(celery_app.conf.task_routes) <= set(celery_app.tasks), "every route names a real task"
+
+
+def test_each_task_lands_on_its_queue(quiet_redis: tuple[str, redis.Redis]) -> None:
+    url, client = quiet_redis
+    broker = Celery("trainer-routes")
+    broker.config_from_object("celeryconfig")
+    broker.conf.update(broker_url=url, result_backend=url)
+    send = sender(broker)
+    send(Task(TRAIN_TASK, ["run-1"], "job-train"))
+    send(Task(TOKENIZER_TASK, ["tok-1"], "job-tokenizer"))
+    send(Task(EVALUATE_TASK, ["run-1", "validation"], "job-eval"))
+    send(Task(TRAIN_TASK, ["run-2"], "job-gpu", queue="gpu"))
+    # A run that goes back to its queue is sent ahead of those that never started.
+    broker.send_task(TRAIN_TASK, args=["run-3"], task_id="job-resumed", priority=RESUMED_PRIORITY)
+
+    assert queued(client, "training") == [(TRAIN_TASK, "job-resumed"), (TRAIN_TASK, "job-train")]
+    assert queued(client, "gpu") == [(TRAIN_TASK, "job-gpu")]
+    assert queued(client, "light") == [(TOKENIZER_TASK, "job-tokenizer"), (EVALUATE_TASK, "job-eval")]
+    assert not client.exists("celery"), "nothing went to Celery's default queue"
+    assert not client.keys("celery-task-meta-*"), "no result was asked for"
+    broker.close()
