@@ -2,17 +2,22 @@
 
 from __future__ import annotations
 
+import logging
 import time
 
 import pytest
 import redis
+from celery import Celery
 from flask import Flask
 from flask.testing import FlaskClient
 
+from scripts.devstack import free_port
 from tests.conftest import DispatchRecorder
 from tests.test_api import assert_envelope, field_errors, json_of, submit, valid_body
-from trainer_api.services import services
+from trainer_api import create_app
+from trainer_api.services import Task, sender, services
 from trainer_store.runs import RunStore, run_key, user_runs_key
+from trainer_store.settings import Settings
 from trainer_tasks.app import CANCEL_QUEUED_TASK, TRAIN_TASK
 
 SNOWFLAKE = 123456789012345678
@@ -94,6 +99,32 @@ def test_cancel_flags_a_queued_run_and_asks_the_light_queue_to_end_it(
     assert [(task.args, task.queue) for task in ended] == [([run_id], None)], "routed by celeryconfig"
     # Asking twice before the worker acts is harmless.
     assert client.post(f"/runs/{run_id}/cancel").status_code == 202
+
+
+def test_a_cancel_the_broker_cannot_take_still_stands(
+    settings: Settings, dispatched: DispatchRecorder, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The light queue's broker is away (a closed port): the run is flagged, which is what cancels it."""
+    away = Celery("trainer-test")
+    away.config_from_object("celeryconfig")
+    away.conf.update(broker_url=f"redis://127.0.0.1:{free_port()}/0")
+    send_away = sender(away)
+
+    def dispatch(task: Task) -> None:
+        (send_away if task.name == CANCEL_QUEUED_TASK else dispatched)(task)
+
+    app = create_app(settings, dispatch)
+    client = app.test_client()
+    run_id = submit_run(client)
+    with caplog.at_level(logging.WARNING, logger="trainer_api.runs"):
+        response = client.post(f"/runs/{run_id}/cancel")
+    assert response.status_code == 202, response.get_data(as_text=True)
+    assert json_of(response) == {"status": "cancellation-requested"}
+    with app.app_context():
+        record = services().store.get(run_id)
+        assert record is not None
+        assert (record.status, record.cancel_requested) == ("queued", True)
+    assert f"run {run_id}: cancel recorded; the light queue could not be told" in caplog.text
 
 
 def test_cancel_of_a_running_run_only_flags_it(

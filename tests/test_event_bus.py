@@ -23,7 +23,7 @@ from scripts.devstack import free_port
 from tests.streams import stream_fields
 from trainer_store.metrics import METRICS_KEY
 from trainer_store.runs import run_key
-from trainer_tasks.events import EventBus
+from trainer_tasks.events import FIRST_PAUSE_S, EventBus
 
 SNOWFLAKE = 123456789012345678
 
@@ -178,6 +178,18 @@ def test_an_event_with_no_json_form_is_not_sent_and_training_goes_on(
     assert stream_payloads(redis_client) == []
     assert any("not encodable" in record.message for record in caplog.records)
     assert redis_client.hget(METRICS_KEY, "events_published") is None
+
+
+def test_a_final_event_with_no_json_form_is_not_tried_again(
+    bus: EventBus, redis_client: redis.Redis, caplog: pytest.LogCaptureFixture
+) -> None:
+    started = time.monotonic()
+    with caplog.at_level(logging.ERROR, logger="trainer_tasks.events"):
+        assert bus.deliver(progress_with_loss(float("inf")), patience_s=60) is False
+    # No amount of waiting gives it a JSON form: it is given up at once.
+    assert time.monotonic() - started < FIRST_PAUSE_S
+    assert stream_payloads(redis_client) == []
+    assert any("not encodable" in record.message for record in caplog.records)
 
 
 def progress_with_loss(loss: float) -> TrainProgress:

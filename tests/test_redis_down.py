@@ -1,5 +1,5 @@
-"""Redis away when a request arrives, or lost between a run's record and its task, on a real Redis the
-test stops (and, with its append-only file, starts again)."""
+"""Redis away when a request arrives, lost between a run's record and its task, or lost as a run ends
+before its final event, on a real Redis the test stops (and, with its append-only file, starts again)."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ import json
 import logging
 import os
 import signal
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -15,21 +16,30 @@ import pytest
 import redis
 from celery import Celery
 from flask.testing import FlaskClient
+from redis.backoff import NoBackoff
+from redis.retry import Retry
 from werkzeug.test import TestResponse
 
+from schemas.events import TrainCompleted, TrainEvent
 from schemas.queues import broker_lists
+from schemas.status import RunStatus
 from scripts import devstack
+from tests.streams import sent_events
 from tests.test_api import SNOWFLAKE, assert_envelope, json_of, submit, valid_body
 from trainer_api import create_app, limits
 from trainer_api.idempotency import HEADER, PENDING_S, record_key
 from trainer_api.services import Task, sender
 from trainer_store.records import text
-from trainer_store.runs import NEVER_SENT_MESSAGE, UNSENT_RUNS_KEY, RunStore, run_key
+from trainer_store.runs import NEVER_SENT_MESSAGE, UNSENT_RUNS_KEY, RedisValue, RunStore, run_key
 from trainer_store.settings import Settings
 from trainer_tasks.app import TRAIN_TASK
+from trainer_tasks.events import LONGEST_PAUSE_S, EventBus
+from trainer_tasks.reporting import RunReporter
 
 # A request to an API whose Redis is away answers within this (the client's timeouts and retries).
 PROMPT_S = 5.0
+# How long the test keeps Redis away from a run that has just ended.
+OUTAGE_S = 2.0
 
 
 @pytest.fixture
@@ -162,3 +172,89 @@ def test_redis_lost_between_the_record_and_the_task_leaves_no_queued_run(
         client.close()
     finally:
         restarted.stop()
+
+
+class StopsRedisAfterFinishing(RunStore):
+    """The real store, and Redis stopped right after a run's end is recorded, before its final event."""
+
+    def __init__(self, client: redis.Redis, service: devstack.Service) -> None:
+        super().__init__(client)
+        self._service = service
+
+    def finish(self, run_id: str, status: RunStatus, message: str, now: float, **metrics: RedisValue) -> bool:
+        recorded = super().finish(run_id, status, message, now, **metrics)
+        self._service.stop()
+        return recorded
+
+
+def running_run(url: str, service: devstack.Service) -> tuple[redis.Redis, StopsRedisAfterFinishing]:
+    # No retries of its own: each try of the bus is one attempt, as on a worker whose Redis is away.
+    client = redis.Redis.from_url(url, socket_connect_timeout=1, retry=Retry(NoBackoff(), 0))
+    store = StopsRedisAfterFinishing(client, service)
+    store.create(run_id="run-1", job_id="job-1", user_id=7, request={}, now=time.time())
+    assert store.claim("run-1", "worker-a", 60, time.time())
+    return client, store
+
+
+def completed_event() -> TrainCompleted:
+    return TrainCompleted(
+        request_id="run-1", run_id="run-1", user_id=7, loss=1.5, perplexity=4.48, artifact_path="/a/run-1"
+    )
+
+
+def test_a_final_event_waits_for_redis_to_come_back(own_redis: tuple[devstack.Service, str, Path]) -> None:
+    service, url, workdir = own_redis
+    client, store = running_run(url, service)
+    reporter = RunReporter(run_id="run-1", user_id=7, store=store, bus=EventBus(client, 1000))
+    restarted: list[devstack.Service] = []
+    later = threading.Timer(OUTAGE_S, lambda: restarted.append(restart(url, workdir)))
+    later.start()
+    started = time.monotonic()
+    try:
+        reporter.completed(completed_event())
+        took = time.monotonic() - started
+    finally:
+        later.join()
+        for again in restarted:
+            again.stop()
+    # Redis was away for OUTAGE_S: the event went out once it came back, once, with the record's end.
+    assert OUTAGE_S <= took < OUTAGE_S + LONGEST_PAUSE_S + PROMPT_S
+    events = restarted_events(url, workdir)
+    assert [(type(event), event.seq) for event in events] == [(TrainCompleted, 1)]
+
+
+def restarted_events(url: str, workdir: Path) -> list[TrainEvent]:
+    again = restart(url, workdir)
+    try:
+        client = redis.Redis.from_url(url)
+        record = RunStore(client).get("run-1")
+        assert record is not None
+        assert (record.status, record.last_seq) == ("completed", 1)
+        return sent_events(client)
+    finally:
+        again.stop()
+
+
+def test_a_final_event_is_given_up_after_its_patience_and_logged(
+    own_redis: tuple[devstack.Service, str, Path], caplog: pytest.LogCaptureFixture
+) -> None:
+    service, url, workdir = own_redis
+    client, store = running_run(url, service)
+    reporter = RunReporter(
+        run_id="run-1", user_id=7, store=store, bus=EventBus(client, 1000), final_event_patience_s=1.0
+    )
+    started = time.monotonic()
+    with caplog.at_level(logging.ERROR, logger="trainer_tasks.events"):
+        reporter.completed(completed_event())
+    assert time.monotonic() - started < 1.0 + PROMPT_S
+    assert reporter.finished
+    assert any(
+        "not delivered within 1 s: its user is not told" in record.getMessage() for record in caplog.records
+    )
+    # The end itself was recorded before Redis went away; the event never reached the stream.
+    client = redis.Redis.from_url(url)
+    again = restart(url, workdir)
+    try:
+        assert sent_events(client) == []
+    finally:
+        again.stop()

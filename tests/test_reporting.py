@@ -23,7 +23,7 @@ from scripts.devstack import free_port
 from tests.streams import sent_events
 from trainer_store.runs import RunRecord, RunStore, run_key
 from trainer_tasks.errors import RunCanceled, UserError
-from trainer_tasks.events import EventBus
+from trainer_tasks.events import FINAL_EVENT_PATIENCE_S, EventBus
 from trainer_tasks.reporting import RunReporter
 
 RUN_ID = "run-1"
@@ -52,6 +52,10 @@ class RecordAtSend(EventBus):
     def send(self, event: TrainEvent) -> bool:
         self.records.append(self._store.get(event.run_id))
         return super().send(event)
+
+    def deliver(self, event: TrainEvent, patience_s: float = FINAL_EVENT_PATIENCE_S) -> bool:
+        self.records.append(self._store.get(event.run_id))
+        return super().deliver(event, patience_s)
 
 
 @pytest.fixture

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import time
 import uuid
 from collections.abc import Mapping
@@ -26,6 +27,7 @@ from schemas.queues import LIGHT_QUEUE
 from schemas.status import TERMINAL_STATUSES
 from trainer_api.corpora import chosen_corpus
 from trainer_api.deletion import delete_run
+from trainer_api.errors import UNAVAILABLE_ERRORS
 from trainer_api.idempotency import idempotent
 from trainer_api.limits import RETRY_AFTER_DOC, admit_run
 from trainer_api.services import Services, Task, run_or_404, services
@@ -33,6 +35,7 @@ from trainer_api.tokenizers import tokenizer_record
 from trainer_store.runs import RunRecord, RunStore
 from trainer_tasks.app import CANCEL_QUEUED_TASK
 
+log = logging.getLogger(__name__)
 blp = Blueprint("runs", __name__, url_prefix="/runs", description="Training runs")
 
 
@@ -140,9 +143,17 @@ def cancel_run(run_id: str) -> dict[str, str]:
     if status in TERMINAL_STATUSES:
         abort(409, message=f"run {run_id!r} has already ended ({status}); there is nothing to cancel")
     if status == "queued":
-        # The flag is set already: should this task never run, the worker that takes the run ends it.
-        found.dispatch(Task(CANCEL_QUEUED_TASK, [run_id], uuid.uuid4().hex))
+        end_queued_run_now(found, run_id)
     return {"status": "cancellation-requested"}
+
+
+def end_queued_run_now(found: Services, run_id: str) -> None:
+    """Ask the light queue to end a flagged queued run; without a broker, the worker that takes it will."""
+    try:
+        found.dispatch(Task(CANCEL_QUEUED_TASK, [run_id], uuid.uuid4().hex))
+    except UNAVAILABLE_ERRORS as exc:
+        # The flag is what cancels: the cancel stands, it only ends when a worker takes the run.
+        log.warning("run %s: cancel recorded; the light queue could not be told (%s)", run_id, exc)
 
 
 def status_body(record: RunRecord, store: RunStore) -> dict[str, object]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import time
 
 import redis
 
@@ -11,6 +12,12 @@ from trainer_store.metrics import count
 from trainer_store.runs import FINISHED_RUN_TTL_S, RUN_EVENTS_MAXLEN, run_events_key, run_key
 
 log = logging.getLogger(__name__)
+
+# How long a run's final event is tried again while Redis is away: its user waits for that one event,
+# and a Redis restart or failover takes seconds to a minute. The pause between tries doubles up to the last.
+FINAL_EVENT_PATIENCE_S = 300.0
+FIRST_PAUSE_S = 0.25
+LONGEST_PAUSE_S = 5.0
 
 # The run's last event on its record, and the event on the run's own stream (its history, for
 # GET /runs/{run_id}/events, outliving the run as its record does), only while the record exists:
@@ -25,7 +32,7 @@ return 1
 
 
 class EventBus:
-    """Best effort on the hot path: a Redis error is logged and training goes on."""
+    """Best effort on the hot path: a Redis error is logged and training goes on; final events persist."""
 
     def __init__(self, client: redis.Redis, stream_maxlen: int) -> None:
         self._redis = client
@@ -33,11 +40,33 @@ class EventBus:
         self._remember = client.register_script(_REMEMBER_EVENT)
 
     def send(self, event: TrainEvent) -> bool:
-        try:
-            payload = encode_event(event)
-        except ValueError as exc:  # a NaN or infinity has no JSON form
-            log.error("event %s for run %s not encodable: %s", event.type, event.run_id, exc)
+        payload = _payload(event)
+        return payload is not None and self._write(event, payload)
+
+    def deliver(self, event: TrainEvent, patience_s: float = FINAL_EVENT_PATIENCE_S) -> bool:
+        """Send a run's final event, trying again while Redis is away, for up to `patience_s`.
+
+        A try whose answer was lost may have been written already: readers drop a repeated event_id.
+        """
+        payload = _payload(event)
+        if payload is None:
             return False
+        deadline = time.monotonic() + patience_s
+        pause = FIRST_PAUSE_S
+        while not self._write(event, payload):
+            if time.monotonic() + pause > deadline:
+                log.error(
+                    "event %s for run %s not delivered within %.0f s: its user is not told",
+                    event.type,
+                    event.run_id,
+                    patience_s,
+                )
+                return False
+            time.sleep(pause)
+            pause = min(2 * pause, LONGEST_PAUSE_S)
+        return True
+
+    def _write(self, event: TrainEvent, payload: str) -> bool:
         pipe = self._redis.pipeline(transaction=False)
         pipe.publish(EVENTS_CHANNEL, payload)
         # Approximate trimming keeps XADD O(1); the stream holds about the newest `stream_maxlen` events.
@@ -55,3 +84,11 @@ class EventBus:
             return False
         log.info("event %s", payload)
         return True
+
+
+def _payload(event: TrainEvent) -> str | None:
+    try:
+        return encode_event(event)
+    except ValueError as exc:  # a NaN or infinity has no JSON form
+        log.error("event %s for run %s not encodable: %s", event.type, event.run_id, exc)
+        return None

@@ -15,7 +15,7 @@ from schemas.events import ErrorKind, FailedStatus, TrainCompleted, TrainFailed,
 from trainer_store.runs import RedisValue, RunStore
 from trainer_store.storage import StoreUnavailable
 from trainer_tasks.errors import RunCanceled, UserError
-from trainer_tasks.events import EventBus
+from trainer_tasks.events import FINAL_EVENT_PATIENCE_S, EventBus
 
 log = logging.getLogger(__name__)
 CANCELED_BEFORE_TRAINING = "canceled at the user's request before training started"
@@ -34,6 +34,7 @@ class RunReporter:
         bus: EventBus,
         last_seq: int = 0,
         clock: Callable[[], float] = time.time,
+        final_event_patience_s: float = FINAL_EVENT_PATIENCE_S,
     ) -> None:
         self.run_id = run_id
         self.user_id = user_id
@@ -41,6 +42,7 @@ class RunReporter:
         self._bus = bus
         self._seq = last_seq
         self._clock = clock
+        self._final_event_patience_s = final_event_patience_s
         self.finished = False
 
     def _stamp(self, event: E) -> E:
@@ -74,7 +76,7 @@ class RunReporter:
         )
         self.finished = True
         if recorded:
-            self._bus.send(self._stamp(event))
+            self._bus.deliver(self._stamp(event), self._final_event_patience_s)
 
     def failed(self, error_kind: ErrorKind, message: str, canceled: bool = False) -> None:
         if self.finished:
@@ -110,7 +112,7 @@ class RunReporter:
             message=message,
             status=status,
         )
-        self._bus.send(self._stamp(event))
+        self._bus.deliver(self._stamp(event), self._final_event_patience_s)
 
     def failed_with(self, exc: BaseException) -> None:
         """Say why a run ended early: the user's to fix, a cancel, a store that failed, or ours (details

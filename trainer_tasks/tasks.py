@@ -132,7 +132,7 @@ def tell_evaluated(run_id: str, end: JobEnd) -> None:
             error_kind=kind,
             message=end.message,
         )
-    services.bus.send(
+    services.bus.deliver(
         dataclasses.replace(event, event_id=uuid.uuid4().hex, seq=record.last_seq + 1, ts=time.time())
     )
 
