@@ -176,12 +176,7 @@ def run(runs: int, fault_every_s: float, deadline_s: float, settle_s: float, see
         redis_service, url = devstack.start_redis(workdir / "redis", append_only=True)
         port = int(url.rsplit(":", 1)[1].split("/", 1)[0])
         env = {
-            **os.environ,
-            "REDIS_URL": url,
-            "APP__CORPUS_ROOT": str(workdir),
-            "APP__ARTIFACTS_ROOT": str(workdir / "artifacts"),
-            "APP__RUNS_ROOT": str(workdir / "runs"),
-            "APP__CACHE_ROOT": str(workdir / "cache"),
+            **devstack.stack_env(url, workdir, corpora=workdir),
             "APP__LEASE_S": str(LEASE_S),
             "APP__HEARTBEAT_INTERVAL_S": "0.5",
             "APP__PROGRESS_INTERVAL_S": "1",

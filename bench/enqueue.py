@@ -113,11 +113,7 @@ def serve(command: str, env: dict[str, str], logs: Path, name: str) -> tuple[dev
 
 def base_env(work: Path, redis_url: str) -> dict[str, str]:
     return {
-        **os.environ,
-        "REDIS_URL": redis_url,
-        "APP__CORPUS_ROOT": str(work / "corpora"),
-        "APP__ARTIFACTS_ROOT": str(work / "artifacts"),
-        "APP__RUNS_ROOT": str(work / "runs"),
+        **devstack.stack_env(redis_url, work),
         "APP__MAX_ACTIVE_RUNS_PER_USER": "0",
         "APP__MAX_QUEUED_RUNS": "0",
     }

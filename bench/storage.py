@@ -211,12 +211,7 @@ def hand_back(size: str, soft_shutdown_s: float, workdir: Path) -> HandBack:
         redis_service, redis_url = devstack.start_redis(workdir)
         stack.callback(redis_service.stop)
         env = {
-            **os.environ,
-            **s3_env,
-            "REDIS_URL": redis_url,
-            "APP__CORPUS_ROOT": f"{bucket}/corpora",
-            "APP__ARTIFACTS_ROOT": f"{bucket}/artifacts",
-            "APP__RUNS_ROOT": f"{bucket}/runs",
+            **devstack.stack_env(redis_url, bucket, base={**os.environ, **s3_env}),
             "APP__CACHE_ROOT": str(workdir / "cache"),
             "WORKER_SOFT_SHUTDOWN_TIMEOUT_S": str(soft_shutdown_s),
         }

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import os
 import socket
 import statistics
 import tempfile
@@ -118,11 +117,7 @@ def running(workdir: Path, web_env: Mapping[str, str]) -> Iterator[tuple[str, st
         stack.callback(redis_service.stop)
         corpus.write(workdir / "corpora" / "bench.txt", sentences=200, seed=3)
         env = {
-            **os.environ,
-            "REDIS_URL": redis_url,
-            "APP__CORPUS_ROOT": str(workdir / "corpora"),
-            "APP__ARTIFACTS_ROOT": str(workdir / "artifacts"),
-            "APP__RUNS_ROOT": str(workdir / "runs"),
+            **devstack.stack_env(redis_url, workdir),
             # No worker: every run stays queued, so the cap on queued runs must not refuse them.
             "APP__MAX_QUEUED_RUNS": "100000000",
             **web_env,

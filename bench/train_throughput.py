@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import statistics
 import tempfile
 import time
@@ -135,15 +134,7 @@ def running_stack(workdir: Path, settings: Mapping[str, str] | None = None) -> I
     are local folders of `workdir` unless `settings` says otherwise."""
     logs = workdir / "logs"
     redis_service, redis_url = devstack.start_redis(workdir)
-    env = {
-        **os.environ,
-        "REDIS_URL": redis_url,
-        "APP__CORPUS_ROOT": str(workdir / "corpora"),
-        "APP__ARTIFACTS_ROOT": str(workdir / "artifacts"),
-        "APP__RUNS_ROOT": str(workdir / "runs"),
-        "APP__CACHE_ROOT": str(workdir / "cache"),
-        **(settings or {}),
-    }
+    env = {**devstack.stack_env(redis_url, workdir), **(settings or {})}
     worker_cwd = workdir / "worker-cwd"
     worker_cwd.mkdir(parents=True, exist_ok=True)
     services = [redis_service]

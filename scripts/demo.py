@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import os
 import shutil
 import sys
 import time
@@ -60,15 +59,7 @@ def local_stack(workdir: Path) -> Iterator[tuple[str, str, Path]]:
     with ExitStack() as stack:
         redis_service, redis_url = devstack.start_redis(workdir)
         stack.callback(redis_service.stop)
-        env = {
-            **os.environ,
-            "REDIS_URL": redis_url,
-            "APP__CORPUS_ROOT": str(corpora),
-            "APP__ARTIFACTS_ROOT": str(workdir / "artifacts"),
-            "APP__RUNS_ROOT": str(workdir / "runs"),
-            "APP__CACHE_ROOT": str(workdir / "cache"),
-            "WEB_CONCURRENCY": "1",
-        }
+        env = {**devstack.stack_env(redis_url, workdir, corpora=corpora), "WEB_CONCURRENCY": "1"}
         print(f"starting   Redis, Celery worker and API (logs in {workdir / 'logs'}) ...", flush=True)
         worker = devstack.start_worker(env, workdir / "logs")
         stack.callback(worker.stop)

@@ -18,6 +18,7 @@ from trainer_client.up import free_port as free_port
 from trainer_client.up import read_procfile
 from trainer_client.up import redis_answers as redis_answers
 from trainer_client.up import redis_server_binary as redis_server_binary
+from trainer_store.storage import S3_SCHEME
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
@@ -93,6 +94,28 @@ def api_healthy(url: str) -> bool:
         return requests.get(f"{url}/healthz", timeout=2).status_code == 200
     except (requests.ConnectionError, requests.Timeout):
         return False
+
+
+def stack_env(
+    redis_url: str,
+    files: str | Path,
+    *,
+    corpora: str | Path | None = None,
+    base: Mapping[str, str] = os.environ,
+) -> dict[str, str]:
+    """What every process of a stack is given: `base`, its Redis, and the file roots under `files` (a
+    folder, or an s3:// URL): `corpora/` unless `corpora` names another, `artifacts/`, `runs/`, and for
+    a folder the workers' cache (`cache/`); on an object store each process keeps its own default cache."""
+    env = {
+        **base,
+        "REDIS_URL": redis_url,
+        "APP__CORPUS_ROOT": str(corpora) if corpora is not None else f"{files}/corpora",
+        "APP__ARTIFACTS_ROOT": f"{files}/artifacts",
+        "APP__RUNS_ROOT": f"{files}/runs",
+    }
+    if not str(files).startswith(S3_SCHEME):
+        env["APP__CACHE_ROOT"] = f"{files}/cache"
+    return env
 
 
 def start_redis(workdir: Path, *, port: int | None = None, append_only: bool = False) -> tuple[Service, str]:

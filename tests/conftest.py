@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -99,12 +98,7 @@ def stack(redis_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[
     corpus.write(root / "corpora" / "stories.txt", sentences=1200, seed=3)
     corpus.write(root / "corpora" / "tiny.txt", sentences=2, seed=3)
     env = {
-        **os.environ,
-        "REDIS_URL": stack_redis_url,
-        "APP__CORPUS_ROOT": str(root / "corpora"),
-        "APP__ARTIFACTS_ROOT": str(root / "artifacts"),
-        "APP__RUNS_ROOT": str(root / "runs"),
-        "APP__CACHE_ROOT": str(root / "cache"),
+        **devstack.stack_env(stack_redis_url, root),
         "APP__MAINTENANCE_INTERVAL_S": "0.5",
         "APP__PROGRESS_INTERVAL_S": "0.2",
         "APP__HEARTBEAT_INTERVAL_S": "0.5",

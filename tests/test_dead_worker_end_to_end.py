@@ -29,12 +29,7 @@ END_WAIT_S = 600.0
 
 def worker_env(url: str, tmp_path: Path, **extra: str) -> dict[str, str]:
     return {
-        **os.environ,
-        "REDIS_URL": url,
-        "APP__CORPUS_ROOT": str(tmp_path),
-        "APP__ARTIFACTS_ROOT": str(tmp_path / "artifacts"),
-        "APP__RUNS_ROOT": str(tmp_path / "runs"),
-        "APP__CACHE_ROOT": str(tmp_path / "cache"),
+        **devstack.stack_env(url, tmp_path, corpora=tmp_path),
         "APP__HEARTBEAT_INTERVAL_S": "0.5",
         "APP__PROGRESS_INTERVAL_S": "0.2",
         **extra,

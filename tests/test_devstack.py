@@ -90,3 +90,25 @@ def test_the_object_store_needs_the_test_extra(monkeypatch: pytest.MonkeyPatch, 
 
 def test_nothing_listening_is_no_http_server() -> None:
     assert not devstack.http_answers(f"http://127.0.0.1:{devstack.free_port()}")
+
+
+def test_a_stack_env_puts_the_roots_under_a_folder_with_its_cache(tmp_path: Path) -> None:
+    env = devstack.stack_env("redis://127.0.0.1:1/0", tmp_path, base={"KEPT": "1"})
+    assert env == {
+        "KEPT": "1",
+        "REDIS_URL": "redis://127.0.0.1:1/0",
+        "APP__CORPUS_ROOT": f"{tmp_path}/corpora",
+        "APP__ARTIFACTS_ROOT": f"{tmp_path}/artifacts",
+        "APP__RUNS_ROOT": f"{tmp_path}/runs",
+        "APP__CACHE_ROOT": f"{tmp_path}/cache",
+    }
+
+
+def test_a_stack_env_on_an_object_store_leaves_each_process_its_own_cache(tmp_path: Path) -> None:
+    env = devstack.stack_env("redis://r/0", "s3://bucket/prefix", corpora=tmp_path, base={})
+    assert env == {
+        "REDIS_URL": "redis://r/0",
+        "APP__CORPUS_ROOT": str(tmp_path),
+        "APP__ARTIFACTS_ROOT": "s3://bucket/prefix/artifacts",
+        "APP__RUNS_ROOT": "s3://bucket/prefix/runs",
+    }

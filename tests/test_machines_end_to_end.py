@@ -79,12 +79,7 @@ def cluster(redis_url: str, s3_endpoint: str, tmp_path_factory: pytest.TempPathF
     client = redis.Redis.from_url(url)
     client.flushdb()
     shared = {
-        **os.environ,
-        **s3_env,
-        "REDIS_URL": url,
-        "APP__CORPUS_ROOT": f"s3://{bucket}/corpora",
-        "APP__ARTIFACTS_ROOT": f"s3://{bucket}/artifacts",
-        "APP__RUNS_ROOT": f"s3://{bucket}/runs",
+        **devstack.stack_env(url, f"s3://{bucket}", base={**os.environ, **s3_env}),
         "APP__PROGRESS_INTERVAL_S": "0.2",
         "APP__HEARTBEAT_INTERVAL_S": "0.5",
         "WORKER_SOFT_SHUTDOWN_TIMEOUT_S": "2",

@@ -33,11 +33,7 @@ def cluster(stack: Stack, tmp_path: Path) -> Iterator[Cluster]:
     client = redis.Redis.from_url(redis_url)
     client.flushdb()
     env = {
-        **stack.env,
-        "REDIS_URL": redis_url,
-        "APP__CORPUS_ROOT": str(tmp_path / "corpora"),
-        "APP__ARTIFACTS_ROOT": str(tmp_path / "artifacts"),
-        "APP__RUNS_ROOT": str(tmp_path / "runs"),
+        **devstack.stack_env(redis_url, tmp_path, base=stack.env),
         # One thread each: two trainings share this machine's cores.
         "WORKER_TORCH_THREADS": "1",
     }

@@ -48,11 +48,7 @@ def test_sigterm_to_the_worker_requeues_the_run_and_the_next_worker_resumes_it(
     client.flushdb()
     store = RunStore(client)
     env = {
-        **stack.env,
-        "REDIS_URL": url,
-        "APP__CORPUS_ROOT": str(tmp_path),
-        "APP__ARTIFACTS_ROOT": str(tmp_path / "artifacts"),
-        "APP__RUNS_ROOT": str(tmp_path / "runs"),
+        **devstack.stack_env(url, tmp_path, corpora=tmp_path, base=stack.env),
         "WORKER_SOFT_SHUTDOWN_TIMEOUT_S": "2",
     }
     request = TrainRequest(
