@@ -10,6 +10,7 @@ import redis
 from schemas.events import TrainFailed
 from tests.streams import sent_events
 from tests.test_runner import FakeTraining, Requeued, make_worker, never_called
+from trainer_store.jobs import evaluation_key
 from trainer_store.runs import RUNNING_LEASES_KEY, RunStore, lease_key, queue_waiting_key, run_key
 from trainer_store.settings import Settings
 from trainer_tasks.abandoned import RESUMED_MESSAGE, resume_abandoned_runs
@@ -186,3 +187,35 @@ def test_a_delivery_that_claims_the_run_before_it_is_moved_keeps_it(
     assert record is not None
     assert (record.status, record.attempt) == ("running", 2)
     assert redis_client.get(lease_key("r1")) == b"w2"
+
+
+def test_running_runs_missing_from_the_index_are_entered_due_at_once(
+    redis_client: redis.Redis, store: RunStore
+) -> None:
+    for run_id in ("legacy", "indexed", "waiting", "ended"):
+        create(store, run_id)
+    assert store.claim("legacy", "w-old", 60.0, time.time())
+    assert store.claim("indexed", "w1", 60.0, time.time())
+    assert store.claim("ended", "w1", 60.0, time.time())
+    assert store.finish("ended", "completed", "done", time.time())
+    # What a version without the index left behind: running, its worker dead (no lease), no entry.
+    redis_client.zrem(RUNNING_LEASES_KEY, "legacy")
+    redis_client.delete(lease_key("legacy"))
+    # A run's own hash (its evaluation) that says running is not a run record.
+    redis_client.hset(evaluation_key("indexed"), mapping={"status": "running"})
+    indexed_expiry = lease_expiry(redis_client, "indexed")
+
+    assert store.index_unleased_running_runs() == 1
+    due = lease_expiry(redis_client, "legacy")
+    assert due is not None
+    assert due <= time.time()
+    assert lease_expiry(redis_client, "indexed") == indexed_expiry, "an entry of its own is kept"
+    assert lease_expiry(redis_client, "waiting") is None
+    assert lease_expiry(redis_client, "ended") is None
+    assert store.index_unleased_running_runs() == 0
+    # The next check for dead workers sends it back to its queue.
+    requeued = Requeued()
+    assert resume_abandoned_runs(store, requeued) == ["legacy"]
+    record = store.get("legacy")
+    assert record is not None
+    assert record.status == "queued"

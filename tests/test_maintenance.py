@@ -13,7 +13,7 @@ import redis
 from schemas.queues import RESUMED_PRIORITY
 from scripts import devstack
 from tests.test_runner import SendTaskRecorder
-from trainer_store.runs import RunStore
+from trainer_store.runs import RUNNING_LEASES_KEY, RunStore
 from trainer_store.settings import Settings
 from trainer_tasks.app import TRAIN_TASK, celery_app
 from trainer_tasks.maintenance import (
@@ -23,6 +23,7 @@ from trainer_tasks.maintenance import (
     PeriodicCheck,
     checks_for,
     for_this_worker,
+    start_checks_for,
 )
 
 
@@ -93,6 +94,40 @@ def test_the_loop_runs_every_interval_until_stopped(redis_client: redis.Redis) -
     assert time.monotonic() - began < 5
 
 
+def test_start_checks_run_once_when_the_loop_starts_lock_or_not(redis_client: redis.Redis) -> None:
+    at_start, periodic = Calls(), Calls()
+    redis_client.set(LOCK_KEY, "worker-b", px=60_000)  # another worker is running its checks
+    maintenance = Maintenance(
+        redis_client,
+        [PeriodicCheck("periodic", periodic, exclusive=False)],
+        0.05,
+        "worker-a",
+        start_checks=[PeriodicCheck("at start", at_start)],
+    )
+    maintenance.start()
+    devstack.wait_until(lambda: len(periodic.times) >= 3, 10, "three rounds of periodic checks")
+    maintenance.stop()
+    assert len(at_start.times) == 1
+    assert at_start.times[0] <= periodic.times[0]
+
+
+def test_a_starting_worker_enters_running_runs_the_lease_index_lacks(
+    redis_client: redis.Redis, caplog: pytest.LogCaptureFixture
+) -> None:
+    store = RunStore(redis_client)
+    store.create(run_id="r1", job_id="j", user_id=1, request={}, now=1.0)
+    assert store.claim("r1", "host:1:old", 60.0, time.time())
+    redis_client.zrem(RUNNING_LEASES_KEY, "r1")  # left by a version without the index
+    [index_check] = start_checks_for(redis_client)
+    with caplog.at_level(logging.WARNING, logger="trainer_tasks.maintenance"):
+        assert index_check.run(time.time()) == 1
+        assert index_check.run(time.time()) == 0
+    assert redis_client.zscore(RUNNING_LEASES_KEY, "r1") is not None
+    assert [record.getMessage() for record in caplog.records] == [
+        "1 running runs were missing from the lease index; the check for dead workers sees them now"
+    ]
+
+
 def test_every_worker_looks_for_dead_workers_runs_and_sweeps_expired_runs(redis_url: str) -> None:
     built = for_this_worker({"REDIS_URL": redis_url, "APP__MAINTENANCE_INTERVAL_S": "7"})
     names = ["runs whose worker died", "working files of expired runs"]
@@ -100,6 +135,7 @@ def test_every_worker_looks_for_dead_workers_runs_and_sweeps_expired_runs(redis_
         zip(names, [False, True], strict=True)
     )
     assert built.interval_s == 7.0
+    assert [check.name for check in built.start_checks] == ["running runs missing from the lease index"]
     # Never longer than half the lease: a dead worker's run is found within 1.5 leases of its last beat.
     short_lease = for_this_worker({"REDIS_URL": redis_url, "APP__LEASE_S": "3"})
     assert short_lease.interval_s == 1.5

@@ -372,6 +372,19 @@ return 1
 """
 )
 
+# Enters a running run that is missing from the lease index (left running by a version without the index),
+# due at once: the next check for dead workers resumes it unless a live lease holds it. KEYS[1] run hash,
+# KEYS[2] the index. ARGV: run id. Answers 1 when it was entered.
+_INDEX_UNLEASED = (
+    _MOVE
+    + """
+if redis.call('HGET', KEYS[1], 'status') ~= 'running' then return 0 end
+if redis.call('ZSCORE', KEYS[2], ARGV[1]) then return 0 end
+redis.call('ZADD', KEYS[2], string.format('%.6f', redis_now()), ARGV[1])
+return 1
+"""
+)
+
 # Flags an active run for cooperative cancellation; answers the status found. KEYS[1] run hash.
 _REQUEST_CANCEL = """
 local status = redis.call('HGET', KEYS[1], 'status')
@@ -424,6 +437,7 @@ class RunStore:
         self._request_cancel = client.register_script(_REQUEST_CANCEL)
         self._hand_back = client.register_script(_HAND_BACK)
         self._resume_abandoned = client.register_script(_RESUME_ABANDONED)
+        self._index_unleased = client.register_script(_INDEX_UNLEASED)
         self._delete = client.register_script(_DELETE)
         self._retire = client.register_script(_RETIRE)
 
@@ -572,6 +586,20 @@ class RunStore:
         """Queue again a running run whose lease expired; False when it ended, or a live lease holds it."""
         keys = [*self._moving_keys(run_id), lease_key(run_id), RUNNING_LEASES_KEY]
         return bool(self._resume_abandoned(keys=keys, args=[run_id, message, FINISHED_RUN_TTL_S]) == 1)
+
+    def index_unleased_running_runs(self) -> int:
+        """Enter the running runs missing from the lease index, due at once; answers how many.
+
+        Runs left `running` by a version without the index would never be found if their worker died.
+        One pass over the run records (SCAN), so a worker does it once, when it starts.
+        """
+        entered = 0
+        for key in self._redis.scan_iter(match=run_key("*"), count=1000, _type="HASH"):
+            run_id = text(key).removeprefix(run_key(""))
+            if ":" in run_id:
+                continue  # a hash of the run's own (its evaluation), not a run record
+            entered += int(self._index_unleased(keys=[run_key(run_id), RUNNING_LEASES_KEY], args=[run_id]))
+        return entered
 
     def lease_held(self, run_id: str) -> bool:
         return bool(self._redis.exists(lease_key(run_id)))

@@ -56,6 +56,27 @@ def checks_for(settings: Settings, client: redis.Redis) -> list[PeriodicCheck]:
     ]
 
 
+def start_checks_for(client: redis.Redis) -> list[PeriodicCheck]:
+    """Checks each worker runs once, when it starts: a pass over every run record is too dear for each
+    interval, and each worker makes its own so that no lock held elsewhere can skip it."""
+    store = RunStore(client)
+    return [
+        PeriodicCheck(
+            "running runs missing from the lease index", lambda now: _index_unleased(store), exclusive=False
+        )
+    ]
+
+
+def _index_unleased(store: RunStore) -> int:
+    entered = store.index_unleased_running_runs()
+    if entered:
+        log.warning(
+            "%d running runs were missing from the lease index; the check for dead workers sees them now",
+            entered,
+        )
+    return entered
+
+
 def interval_for(settings: Settings) -> float:
     """At most half the lease: a dead worker's run is found within 1.5 leases of its last heartbeat."""
     return min(settings.maintenance_interval_s, settings.lease_s / 2)
@@ -71,9 +92,11 @@ class Maintenance:
         interval_s: float,
         holder: str,
         clock: Callable[[], float] = time.time,
+        start_checks: Sequence[PeriodicCheck] = (),
     ) -> None:
         self._redis = client
         self.checks = checks
+        self.start_checks = start_checks
         self.interval_s = interval_s
         self._holder = holder
         self._clock = clock
@@ -109,6 +132,7 @@ class Maintenance:
                 log.exception("periodic check %r failed", check.name)
 
     def _loop(self) -> None:
+        self._run(self.start_checks)
         while not self._stop.wait(self.interval_s):
             self.run_once()
 
@@ -126,7 +150,13 @@ def for_this_worker(env: Mapping[str, str] | None = None) -> Maintenance:
     settings = Settings.from_env(env)
     client = redis.Redis.from_url(settings.redis_url, socket_timeout=10, health_check_interval=30)
     holder = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
-    return Maintenance(client, checks_for(settings, client), interval_for(settings), holder)
+    return Maintenance(
+        client,
+        checks_for(settings, client),
+        interval_for(settings),
+        holder,
+        start_checks=start_checks_for(client),
+    )
 
 
 class MaintenanceStep(bootsteps.StartStopStep):
