@@ -23,7 +23,7 @@ from scripts.devstack import free_port
 from tests.streams import stream_fields
 from trainer_store.metrics import METRICS_KEY
 from trainer_store.runs import run_key
-from trainer_tasks.events import FIRST_PAUSE_S, EventBus
+from trainer_tasks.events import EventBus
 
 SNOWFLAKE = 123456789012345678
 
@@ -181,15 +181,37 @@ def test_an_event_with_no_json_form_is_not_sent_and_training_goes_on(
 
 
 def test_a_final_event_with_no_json_form_is_not_tried_again(
-    bus: EventBus, redis_client: redis.Redis, caplog: pytest.LogCaptureFixture
+    bus: EventBus,
+    redis_client: redis.Redis,
+    caplog: pytest.LogCaptureFixture,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    started = time.monotonic()
+    monkeypatch.setattr(time, "sleep", refuse_to_wait)
     with caplog.at_level(logging.ERROR, logger="trainer_tasks.events"):
         assert bus.deliver(progress_with_loss(float("inf")), patience_s=60) is False
     # No amount of waiting gives it a JSON form: it is given up at once.
-    assert time.monotonic() - started < FIRST_PAUSE_S
     assert stream_payloads(redis_client) == []
     assert any("not encodable" in record.message for record in caplog.records)
+
+
+def test_a_final_event_redis_refuses_is_not_tried_again(
+    bus: EventBus,
+    redis_client: redis.Redis,
+    caplog: pytest.LogCaptureFixture,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    redis_client.set(EVENTS_STREAM, "not a stream")  # XADD answers WRONGTYPE, as often as it is asked
+    monkeypatch.setattr(time, "sleep", refuse_to_wait)
+    with caplog.at_level(logging.ERROR, logger="trainer_tasks.events"):
+        assert bus.deliver(progress(run_id="run-9"), patience_s=60) is False
+    assert any(
+        "run-9 refused by Redis" in record.getMessage() and "WRONGTYPE" in record.getMessage()
+        for record in caplog.records
+    )
+
+
+def refuse_to_wait(seconds: float) -> None:
+    raise AssertionError(f"waited {seconds} s for an answer that cannot change")
 
 
 def progress_with_loss(loss: float) -> TrainProgress:

@@ -111,6 +111,38 @@ def test_start_checks_run_once_when_the_loop_starts_lock_or_not(redis_client: re
     assert at_start.times[0] <= periodic.times[0]
 
 
+class FailsFirst(Calls):
+    """Fails its first `failures` calls, as a check does while Redis is still away."""
+
+    def __init__(self, failures: int) -> None:
+        super().__init__()
+        self.failures = failures
+
+    def __call__(self, now: float) -> None:
+        self.fail = len(self.times) < self.failures
+        super().__call__(now)
+
+
+def test_a_start_check_that_fails_is_tried_each_round_until_it_passes(
+    redis_client: redis.Redis, caplog: pytest.LogCaptureFixture
+) -> None:
+    at_start, periodic = FailsFirst(failures=2), Calls()
+    maintenance = Maintenance(
+        redis_client,
+        [PeriodicCheck("periodic", periodic, exclusive=False)],
+        0.05,
+        "worker-a",
+        start_checks=[PeriodicCheck("at start", at_start)],
+    )
+    with caplog.at_level(logging.ERROR, logger="trainer_tasks.maintenance"):
+        maintenance.start()
+        devstack.wait_until(lambda: len(periodic.times) >= 5, 10, "five rounds of periodic checks")
+        maintenance.stop()
+    # Failed at start and in the first round, passed in the second, and was not run again.
+    assert len(at_start.times) == 3
+    assert caplog.text.count("periodic check 'at start' failed") == 2
+
+
 def test_a_starting_worker_enters_running_runs_the_lease_index_lacks(
     redis_client: redis.Redis, caplog: pytest.LogCaptureFixture
 ) -> None:

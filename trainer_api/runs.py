@@ -143,11 +143,11 @@ def cancel_run(run_id: str) -> dict[str, str]:
     if status in TERMINAL_STATUSES:
         abort(409, message=f"run {run_id!r} has already ended ({status}); there is nothing to cancel")
     if status == "queued":
-        end_queued_run_now(found, run_id)
+        _end_queued_run_now(found, run_id)
     return {"status": "cancellation-requested"}
 
 
-def end_queued_run_now(found: Services, run_id: str) -> None:
+def _end_queued_run_now(found: Services, run_id: str) -> None:
     """Ask the light queue to end a flagged queued run; without a broker, the worker that takes it will."""
     try:
         found.dispatch(Task(CANCEL_QUEUED_TASK, [run_id], uuid.uuid4().hex))

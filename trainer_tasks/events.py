@@ -18,6 +18,8 @@ log = logging.getLogger(__name__)
 FINAL_EVENT_PATIENCE_S = 300.0
 FIRST_PAUSE_S = 0.25
 LONGEST_PAUSE_S = 5.0
+# What a Redis that is away, restarting or failing over raises; any other error is Redis refusing the write.
+REDIS_AWAY = (redis.ConnectionError, redis.TimeoutError, redis.exceptions.ReadOnlyError)
 
 # The run's last event on its record, and the event on the run's own stream (its history, for
 # GET /runs/{run_id}/events, outliving the run as its record does), only while the record exists:
@@ -41,19 +43,35 @@ class EventBus:
 
     def send(self, event: TrainEvent) -> bool:
         payload = _payload(event)
-        return payload is not None and self._write(event, payload)
+        if payload is None:
+            return False
+        try:
+            self._write(event, payload)
+        except redis.RedisError as exc:
+            _log_undelivered(event, exc)
+            return False
+        return True
 
     def deliver(self, event: TrainEvent, patience_s: float = FINAL_EVENT_PATIENCE_S) -> bool:
         """Send a run's final event, trying again while Redis is away, for up to `patience_s`.
 
-        A try whose answer was lost may have been written already: readers drop a repeated event_id.
+        A try whose answer was lost may have been written already: the bot drops a repeated event_id.
         """
         payload = _payload(event)
         if payload is None:
             return False
         deadline = time.monotonic() + patience_s
         pause = FIRST_PAUSE_S
-        while not self._write(event, payload):
+        while True:
+            try:
+                self._write(event, payload)
+                return True
+            except REDIS_AWAY as exc:
+                _log_undelivered(event, exc)
+            except redis.RedisError as exc:
+                # Redis answered and refused (a wrong type, a script error): asking again changes nothing.
+                log.error("event %s for run %s refused by Redis: %s", event.type, event.run_id, exc)
+                return False
             if time.monotonic() + pause > deadline:
                 log.error(
                     "event %s for run %s not delivered within %.0f s: its user is not told",
@@ -64,9 +82,8 @@ class EventBus:
                 return False
             time.sleep(pause)
             pause = min(2 * pause, LONGEST_PAUSE_S)
-        return True
 
-    def _write(self, event: TrainEvent, payload: str) -> bool:
+    def _write(self, event: TrainEvent, payload: str) -> None:
         pipe = self._redis.pipeline(transaction=False)
         pipe.publish(EVENTS_CHANNEL, payload)
         # Approximate trimming keeps XADD O(1); the stream holds about the newest `stream_maxlen` events.
@@ -77,13 +94,12 @@ class EventBus:
             client=pipe,
         )
         count(pipe, "events_published")
-        try:
-            pipe.execute()
-        except redis.RedisError as exc:
-            log.warning("event %s for run %s not delivered: %s", event.type, event.run_id, exc)
-            return False
+        pipe.execute()
         log.info("event %s", payload)
-        return True
+
+
+def _log_undelivered(event: TrainEvent, exc: redis.RedisError) -> None:
+    log.warning("event %s for run %s not delivered: %s", event.type, event.run_id, exc)
 
 
 def _payload(event: TrainEvent) -> str | None:

@@ -1,6 +1,6 @@
-"""Periodic checks in each worker's main process: runs whose worker died go back to their queue (every
-worker looks, the move is atomic), and the working files of expired runs leave the store (one worker at a
-time, under a short Redis lock)."""
+"""Checks in each worker's main process: once at start, running runs enter the lease index; then
+periodically, runs whose worker died go back to their queue (every worker looks, the move is atomic) and
+the working files of expired runs leave the store (one worker at a time, under a short Redis lock)."""
 
 from __future__ import annotations
 
@@ -123,17 +123,23 @@ class Maintenance:
                 log.warning("maintenance lock not released (it expires by itself): %s", exc)
         return True
 
-    def _run(self, checks: Sequence[PeriodicCheck]) -> None:
+    def _run(self, checks: Sequence[PeriodicCheck]) -> list[PeriodicCheck]:
+        """Runs each check; answers those that failed."""
+        failed: list[PeriodicCheck] = []
         for check in checks:
             try:
                 check.run(self._clock())
             except Exception:
                 # One failing check (a store that is away) must not stop the others or the thread.
                 log.exception("periodic check %r failed", check.name)
+                failed.append(check)
+        return failed
 
     def _loop(self) -> None:
-        self._run(self.start_checks)
+        pending = self._run(self.start_checks)
         while not self._stop.wait(self.interval_s):
+            # A start check that failed (Redis away as the worker started) is tried each round till it passes.
+            pending = self._run(pending)
             self.run_once()
 
     def start(self) -> None:
