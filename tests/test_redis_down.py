@@ -1,4 +1,4 @@
-"""Redis away as a request arrives, before a run's task is sent or before its final event (a real Redis)."""
+"""Redis away as a request arrives, before a run's task is sent, or as a run ends (a real Redis)."""
 
 from __future__ import annotations
 
@@ -28,11 +28,12 @@ from tests.test_api import SNOWFLAKE, assert_envelope, json_of, submit, valid_bo
 from trainer_api import create_app, limits
 from trainer_api.idempotency import HEADER, PENDING_S, record_key
 from trainer_api.services import Task, sender
+from trainer_store.outages import LONGEST_PAUSE_S
 from trainer_store.records import text
 from trainer_store.runs import NEVER_SENT_MESSAGE, UNSENT_RUNS_KEY, RedisValue, RunStore, run_key
 from trainer_store.settings import Settings
 from trainer_tasks.app import TRAIN_TASK
-from trainer_tasks.events import LONGEST_PAUSE_S, EventBus
+from trainer_tasks.events import EventBus
 from trainer_tasks.reporting import RunReporter
 
 # A request to an API whose Redis is away answers within this (the client's timeouts and retries).
@@ -173,26 +174,48 @@ def test_redis_lost_between_the_record_and_the_task_leaves_no_queued_run(
         restarted.stop()
 
 
-class StopsRedisAfterFinishing(RunStore):
-    """The real store, and Redis stopped right after a run's end is recorded, before its final event."""
+class StopsRedisAtTheEnd(RunStore):
+    """The real store, and Redis stopped as a run ends: before its end is recorded, or after it is and
+    before its final event."""
 
-    def __init__(self, client: redis.Redis, service: devstack.Service) -> None:
+    def __init__(self, client: redis.Redis, service: devstack.Service, before_the_record: bool) -> None:
         super().__init__(client)
         self._service = service
+        self._before_the_record = before_the_record
 
     def finish(self, run_id: str, status: RunStatus, message: str, now: float, **metrics: RedisValue) -> bool:
+        if self._service.process.poll() is None and self._before_the_record:
+            self._service.stop()
         recorded = super().finish(run_id, status, message, now, **metrics)
-        self._service.stop()
+        if self._service.process.poll() is None:
+            self._service.stop()
         return recorded
 
 
-def running_run(url: str, service: devstack.Service) -> tuple[redis.Redis, StopsRedisAfterFinishing]:
-    # No retries of its own: each try of the bus is one attempt, as on a worker whose Redis is away.
-    client = redis.Redis.from_url(url, socket_connect_timeout=1, retry=Retry(NoBackoff(), 0))
-    store = StopsRedisAfterFinishing(client, service)
+class LosesTheFirstAnswer(RunStore):
+    """The real store, and the answer to the first end recorded lost on its way back, as when Redis
+    fails over right after the write."""
+
+    def __init__(self, client: redis.Redis) -> None:
+        super().__init__(client)
+        self.tries = 0
+
+    def finish(self, run_id: str, status: RunStatus, message: str, now: float, **metrics: RedisValue) -> bool:
+        self.tries += 1
+        recorded = super().finish(run_id, status, message, now, **metrics)
+        if self.tries == 1:
+            raise redis.ConnectionError("Connection closed by server.")
+        return recorded
+
+
+def one_try_client(url: str) -> redis.Redis:
+    """No retries of its own: each try of the reporter is one attempt, as on a worker whose Redis is away."""
+    return redis.Redis.from_url(url, socket_connect_timeout=1, retry=Retry(NoBackoff(), 0))
+
+
+def running_run(store: RunStore) -> None:
     store.create(run_id="run-1", job_id="job-1", user_id=7, request={}, now=time.time())
     assert store.claim("run-1", "worker-a", 60, time.time())
-    return client, store
 
 
 def completed_event() -> TrainCompleted:
@@ -209,22 +232,26 @@ def cancel(reporter: RunReporter) -> None:
     reporter.failed("user", "canceled by its user", canceled=True)
 
 
+@pytest.mark.parametrize("before_the_record", [True, False], ids=["before-the-record", "before-the-event"])
 @pytest.mark.parametrize(
     ("end", "status", "event_type"),
     [(complete, "completed", TrainCompleted), (cancel, "canceled", TrainFailed)],
 )
-def test_a_final_event_waits_for_redis_to_come_back(
+def test_a_runs_end_waits_for_redis_to_come_back(
     own_redis: tuple[devstack.Service, str, Path],
     end: Callable[[RunReporter], None],
     status: RunStatus,
     event_type: type[TrainEvent],
+    before_the_record: bool,
 ) -> None:
     service, url, workdir = own_redis
-    client, store = running_run(url, service)
+    client = one_try_client(url)
+    store = StopsRedisAtTheEnd(client, service, before_the_record)
+    running_run(store)
     # Patience to spare, but bounded: a Redis that fails to start again fails the test, not hangs it.
     patience_s = OUTAGE_S + LONGEST_PAUSE_S + PROMPT_S
     reporter = RunReporter(
-        run_id="run-1", user_id=7, store=store, bus=EventBus(client, 1000), final_event_patience_s=patience_s
+        run_id="run-1", user_id=7, store=store, bus=EventBus(client, 1000), end_patience_s=patience_s
     )
     restarted: list[devstack.Service] = []
     later = threading.Timer(OUTAGE_S, lambda: restarted.append(restart(url, workdir)))
@@ -238,7 +265,7 @@ def test_a_final_event_waits_for_redis_to_come_back(
         for again in restarted:
             again.stop()
     assert len(restarted) == 1, "Redis did not start again"
-    # Redis was away for OUTAGE_S: the event went out once it came back, once, with the record's end.
+    # Redis was away for OUTAGE_S: the end was recorded and its event went out once it came back, once.
     assert OUTAGE_S <= took < OUTAGE_S + LONGEST_PAUSE_S + PROMPT_S
     events = restarted_events(url, workdir, status)
     assert [(type(event), event.seq) for event in events] == [(event_type, 1)]
@@ -256,13 +283,64 @@ def restarted_events(url: str, workdir: Path, status: RunStatus) -> list[TrainEv
         again.stop()
 
 
+def test_an_end_whose_answer_was_lost_is_known_as_recorded_when_tried_again(
+    own_redis: tuple[devstack.Service, str, Path],
+) -> None:
+    _, url, _ = own_redis
+    client = redis.Redis.from_url(url)
+    store = LosesTheFirstAnswer(client)
+    running_run(store)
+    RunReporter(run_id="run-1", user_id=7, store=store, bus=EventBus(client, 1000)).completed(
+        completed_event()
+    )
+    # The second try found the run no longer running, ended at this end's own time: its event goes out.
+    assert store.tries == 2
+    record = store.get("run-1")
+    assert record is not None
+    assert (record.status, record.loss) == ("completed", 1.5)
+    assert [type(event) for event in sent_events(client)] == [TrainCompleted]
+
+
+def test_an_end_redis_stays_away_from_is_left_to_the_lease_and_logged(
+    own_redis: tuple[devstack.Service, str, Path], caplog: pytest.LogCaptureFixture
+) -> None:
+    service, url, workdir = own_redis
+    client = one_try_client(url)
+    store = RunStore(client)
+    running_run(store)
+    service.stop()
+    reporter = RunReporter(
+        run_id="run-1", user_id=7, store=store, bus=EventBus(client, 1000), end_patience_s=1.0
+    )
+    started = time.monotonic()
+    with caplog.at_level(logging.ERROR, logger="trainer_tasks.reporting"):
+        reporter.completed(completed_event())
+    assert time.monotonic() - started < 1.0 + PROMPT_S
+    assert reporter.finished
+    assert any(
+        "run-1: its end (completed) not recorded within 1 s" in record.getMessage()
+        for record in caplog.records
+    )
+    # Still running, as far as Redis knows: once the lease expires the run is taken up again.
+    again = restart(url, workdir)
+    try:
+        record = RunStore(redis.Redis.from_url(url)).get("run-1")
+        assert record is not None
+        assert record.status == "running"
+        assert sent_events(client) == []
+    finally:
+        again.stop()
+
+
 def test_a_final_event_is_given_up_after_its_patience_and_logged(
     own_redis: tuple[devstack.Service, str, Path], caplog: pytest.LogCaptureFixture
 ) -> None:
     service, url, workdir = own_redis
-    client, store = running_run(url, service)
+    client = one_try_client(url)
+    store = StopsRedisAtTheEnd(client, service, before_the_record=False)
+    running_run(store)
     reporter = RunReporter(
-        run_id="run-1", user_id=7, store=store, bus=EventBus(client, 1000), final_event_patience_s=1.0
+        run_id="run-1", user_id=7, store=store, bus=EventBus(client, 1000), end_patience_s=1.0
     )
     started = time.monotonic()
     with caplog.at_level(logging.ERROR, logger="trainer_tasks.events"):

@@ -387,6 +387,40 @@ def test_a_shutdown_saves_last_and_the_next_delivery_resumes_there(
     assert record_of(redis_client, "run-resume").status == "completed"
 
 
+def test_a_run_stopped_after_its_last_epoch_completes_from_its_final_checkpoint(
+    trained: Trained, redis_client: redis.Redis, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The worker stops after fit() returned, as it saves the artifacts: the next attempt has no epoch
+    left to train, and completes with the loss the trained model has."""
+    one_epoch = request(trained.corpus_path, num_epochs=1)
+    context = context_for(redis_client, "run-at-end", one_epoch, tmp_path, trained.corpus_path)
+    save_artifacts = training.save_artifacts
+
+    def shut_down(*args: object, **kwargs: object) -> None:
+        monkeypatch.setattr(training, "save_artifacts", save_artifacts)
+        raise SystemExit(1)
+
+    monkeypatch.setattr(training, "save_artifacts", shut_down)
+    with pytest.raises(SystemExit):
+        training.train(context)
+    checkpoint = torch.load(run_dir(context) / "checkpoints" / "last.ckpt", weights_only=False)
+    assert checkpoint["epoch"] == 1  # taken after the one epoch
+    first = events_of(redis_client, "run-at-end")
+    [final_val_loss] = [event.val_loss for event in first if isinstance(event, TrainProgress)][-1:]
+    assert final_val_loss is not None
+
+    training.train(context)
+    events = events_of(redis_client, "run-at-end")
+    # No step trained again: the one event added is the completion, with the same model's loss.
+    assert [type(event) for event in events[len(first) :]] == [TrainCompleted]
+    completed = events[-1]
+    assert isinstance(completed, TrainCompleted)
+    assert completed.loss == pytest.approx(final_val_loss, rel=1e-5)
+    record = record_of(redis_client, "run-at-end")
+    assert (record.status, record.loss) == ("completed", completed.loss)
+    assert artifact_dir(context).is_dir()
+
+
 def test_a_lost_lease_stops_training_reports_nothing_and_saves_no_checkpoint(
     trained: Trained, redis_client: redis.Redis, tmp_path: Path
 ) -> None:

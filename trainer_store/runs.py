@@ -166,6 +166,12 @@ class Retirement:
 _MOVE = f"""
 local RESUMED_AHEAD_S = {RESUMED_AHEAD_S:.0f}
 local RUNNING_LEASES = '{RUNNING_LEASES_KEY}'
+local EXPIRING_RUNS = '{EXPIRING_RUNS}'
+
+local function redis_now()
+  local t = redis.call('TIME')
+  return tonumber(t[1]) + tonumber(t[2]) / 1000000
+end
 
 local function waiting_key(run)
   return 'trainer:queues:' .. (redis.call('HGET', run, 'queue') or 'training') .. ':waiting'
@@ -200,12 +206,8 @@ local function move(run, to, now, finished_ttl)
       redis.call('SREM', set, id)
     end
     redis.call('EXPIRE', run, finished_ttl)
+    redis.call('ZADD', EXPIRING_RUNS, string.format('%.6f', redis_now() + tonumber(finished_ttl)), id)
   end
-end
-
-local function redis_now()
-  local t = redis.call('TIME')
-  return tonumber(t[1]) + tonumber(t[2]) / 1000000
 end
 
 -- Fails the runs whose task was never confirmed sent in time (oldest first, a bounded batch).
@@ -640,10 +642,7 @@ class RunStore:
         ]
         for name, value in (fields or {}).items():
             args.extend((name, value))
-        moved = bool(self._transition(keys=self._moving_keys(run_id), args=args) == 1)
-        if moved and status in TERMINAL_STATUSES:
-            self._redis.zadd(EXPIRING_RUNS, {run_id: time.time() + FINISHED_RUN_TTL_S})
-        return moved
+        return bool(self._transition(keys=self._moving_keys(run_id), args=args) == 1)
 
     def finish(self, run_id: str, status: RunStatus, message: str, now: float, **metrics: RedisValue) -> bool:
         """Record the end of a running run; False when it was not running (already ended elsewhere)."""

@@ -3,23 +3,15 @@
 from __future__ import annotations
 
 import logging
-import time
 
 import redis
 
 from schemas.events import EVENT_FIELD, EVENTS_CHANNEL, EVENTS_STREAM, TrainEvent, encode_event
 from trainer_store.metrics import count
+from trainer_store.outages import END_PATIENCE_S, REDIS_AWAY, patiently
 from trainer_store.runs import FINISHED_RUN_TTL_S, RUN_EVENTS_MAXLEN, run_events_key, run_key
 
 log = logging.getLogger(__name__)
-
-# How long a run's final event is tried again while Redis is away: its user waits for that one event,
-# and a Redis restart or failover takes seconds to a minute. The pause between tries doubles up to the last.
-FINAL_EVENT_PATIENCE_S = 300.0
-FIRST_PAUSE_S = 0.25
-LONGEST_PAUSE_S = 5.0
-# What a Redis that is away, restarting or failing over raises; any other error is Redis refusing the write.
-REDIS_AWAY = (redis.ConnectionError, redis.TimeoutError, redis.exceptions.ReadOnlyError)
 
 # The run's last event on its record, and the event on the run's own stream (its history, for
 # GET /runs/{run_id}/events, outliving the run as its record does), only while the record exists:
@@ -52,7 +44,7 @@ class EventBus:
             return False
         return True
 
-    def deliver(self, event: TrainEvent, patience_s: float = FINAL_EVENT_PATIENCE_S) -> bool:
+    def deliver(self, event: TrainEvent, patience_s: float = END_PATIENCE_S) -> bool:
         """Send a run's final event, trying again while Redis is away, for up to `patience_s`.
 
         A try whose answer was lost may have been written already: the bot drops a repeated event_id.
@@ -60,28 +52,23 @@ class EventBus:
         payload = _payload(event)
         if payload is None:
             return False
-        deadline = time.monotonic() + patience_s
-        pause = FIRST_PAUSE_S
-        while True:
-            try:
-                self._write(event, payload)
-                return True
-            except REDIS_AWAY as exc:
-                _log_undelivered(event, exc)
-            except redis.RedisError as exc:
-                # Redis answered and refused (a wrong type, a script error): asking again changes nothing.
-                log.error("event %s for run %s refused by Redis: %s", event.type, event.run_id, exc)
-                return False
-            if time.monotonic() + pause > deadline:
-                log.error(
-                    "event %s for run %s not delivered within %.0f s: its user is not told",
-                    event.type,
-                    event.run_id,
-                    patience_s,
-                )
-                return False
-            time.sleep(pause)
-            pause = min(2 * pause, LONGEST_PAUSE_S)
+        try:
+            patiently(
+                lambda: self._write(event, payload), patience_s, lambda exc: _log_undelivered(event, exc)
+            )
+        except REDIS_AWAY:
+            log.error(
+                "event %s for run %s not delivered within %g s: its user is not told",
+                event.type,
+                event.run_id,
+                patience_s,
+            )
+            return False
+        except redis.RedisError as exc:
+            # Redis answered and refused (a wrong type, a script error): asking again changes nothing.
+            log.error("event %s for run %s refused by Redis: %s", event.type, event.run_id, exc)
+            return False
+        return True
 
     def _write(self, event: TrainEvent, payload: str) -> None:
         pipe = self._redis.pipeline(transaction=False)

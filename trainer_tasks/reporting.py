@@ -12,10 +12,12 @@ from typing import TypeVar
 import redis
 
 from schemas.events import ErrorKind, FailedStatus, TrainCompleted, TrainFailed, TrainProgress, TrainStarted
+from schemas.status import RunStatus
+from trainer_store.outages import END_PATIENCE_S, REDIS_AWAY, patiently
 from trainer_store.runs import RedisValue, RunStore
 from trainer_store.storage import StoreUnavailable
 from trainer_tasks.errors import RunCanceled, UserError
-from trainer_tasks.events import FINAL_EVENT_PATIENCE_S, EventBus
+from trainer_tasks.events import EventBus
 
 log = logging.getLogger(__name__)
 CANCELED_BEFORE_TRAINING = "canceled at the user's request before training started"
@@ -34,7 +36,7 @@ class RunReporter:
         bus: EventBus,
         last_seq: int = 0,
         clock: Callable[[], float] = time.time,
-        final_event_patience_s: float = FINAL_EVENT_PATIENCE_S,
+        end_patience_s: float = END_PATIENCE_S,
     ) -> None:
         self.run_id = run_id
         self.user_id = user_id
@@ -42,7 +44,7 @@ class RunReporter:
         self._bus = bus
         self._seq = last_seq
         self._clock = clock
-        self._final_event_patience_s = final_event_patience_s
+        self._end_patience_s = end_patience_s
         self.finished = False
 
     def _stamp(self, event: E) -> E:
@@ -63,31 +65,56 @@ class RunReporter:
     def completed(self, event: TrainCompleted) -> None:
         if self.finished:
             return
-        # The record first: a client that reacts to the event then reads the final status. A Redis
-        # error leaves the reporter unfinished, so the runner can still report the failure.
-        recorded = self._store.finish(
-            self.run_id,
+        # The record first: a client that reacts to the event then reads the final status.
+        recorded = self._finish(
             "completed",
             "completed",
-            self._clock(),
             loss=event.loss,
             perplexity=event.perplexity,
             artifact_path=event.artifact_path,
         )
         self.finished = True
         if recorded:
-            self._bus.deliver(self._stamp(event), self._final_event_patience_s)
+            self._bus.deliver(self._stamp(event), self._end_patience_s)
 
     def failed(self, error_kind: ErrorKind, message: str, canceled: bool = False) -> None:
         if self.finished:
             return
         status: FailedStatus = "canceled" if canceled else "failed"
-        recorded = self._store.finish(self.run_id, status, message, self._clock(), error_kind=error_kind)
+        recorded = self._finish(status, message, error_kind=error_kind)
         self.finished = True
         if not recorded:
-            # The run had already ended (or another executor took it): its story is told elsewhere.
+            # The run had already ended (or another executor took it), or its end could not be recorded:
+            # its story is told elsewhere, or by the attempt that takes it up again.
             return
         self._tell_failed(status, error_kind, message)
+
+    def _finish(self, status: RunStatus, message: str, **fields: RedisValue) -> bool:
+        """Record the run's end, waiting out a Redis that is away; False when the run had ended elsewhere,
+        or when Redis stayed away past the patience: the run stays running, its lease expires with this
+        worker's heartbeat, and the periodic check sends it back to resume from its last checkpoint."""
+        now = self._clock()
+
+        def record_end() -> bool:
+            if self._store.finish(self.run_id, status, message, now, **fields):
+                return True
+            # A try whose answer was lost may have recorded this end already: the end at this very time.
+            record = self._store.get(self.run_id)
+            return record is not None and (record.status, record.finished_at) == (status, now)
+
+        try:
+            return patiently(record_end, self._end_patience_s, self._log_unrecorded)
+        except REDIS_AWAY:
+            log.error(
+                "run %s: its end (%s) not recorded within %g s; taken up again once its lease expires",
+                self.run_id,
+                status,
+                self._end_patience_s,
+            )
+            return False
+
+    def _log_unrecorded(self, exc: redis.RedisError) -> None:
+        log.warning("run %s: its end not recorded yet: %s", self.run_id, exc)
 
     def canceled_while_queued(self) -> bool:
         """End a run its user canceled before any worker took it; False when one has (it sees the flag)."""
@@ -112,7 +139,7 @@ class RunReporter:
             message=message,
             status=status,
         )
-        self._bus.deliver(self._stamp(event), self._final_event_patience_s)
+        self._bus.deliver(self._stamp(event), self._end_patience_s)
 
     def failed_with(self, exc: BaseException) -> None:
         """Say why a run ended early: the user's to fix, a cancel, a store that failed, or ours (details

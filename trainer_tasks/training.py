@@ -230,6 +230,10 @@ def _train(context: RunContext, workspace: Path, started_at: float) -> None:
         trainer.fit(
             module, train_dataloaders=train_loader, val_dataloaders=validation_loader, ckpt_path="last"
         )
+        if trainer.current_epoch >= request.num_epochs and "val_loss" not in trainer.callback_metrics:
+            # Resumed from a checkpoint taken after the last epoch (the attempt before ended as it
+            # finished): nothing was left to fit, so the loss it ended with is measured again.
+            trainer.validate(module, dataloaders=validation_loader, verbose=False)
         val_loss = guard.final_loss(trainer)
         if not trainer.is_global_zero:
             return  # one model and one completed event per run: rank zero's
