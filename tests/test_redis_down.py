@@ -301,59 +301,42 @@ def test_an_end_whose_answer_was_lost_is_known_as_recorded_when_tried_again(
     assert [type(event) for event in sent_events(client)] == [TrainCompleted]
 
 
-def test_an_end_redis_stays_away_from_is_left_to_the_lease_and_logged(
-    own_redis: tuple[devstack.Service, str, Path], caplog: pytest.LogCaptureFixture
+@pytest.mark.parametrize(
+    ("before_the_record", "logger", "logged", "status"),
+    [
+        # Still running, as far as Redis knows: once its lease expires the run is taken up again.
+        (True, "trainer_tasks.reporting", "run-1: its end (completed) not recorded within 1 s", "running"),
+        # The end was recorded before Redis went away; its user is not told.
+        (False, "trainer_tasks.events", "not delivered within 1 s: its user is not told", "completed"),
+    ],
+    ids=["before-the-record", "before-the-event"],
+)
+def test_an_end_redis_stays_away_from_is_given_up_after_its_patience_and_logged(
+    own_redis: tuple[devstack.Service, str, Path],
+    caplog: pytest.LogCaptureFixture,
+    before_the_record: bool,
+    logger: str,
+    logged: str,
+    status: RunStatus,
 ) -> None:
     service, url, workdir = own_redis
     client = one_try_client(url)
-    store = RunStore(client)
+    store = StopsRedisAtTheEnd(client, service, before_the_record)
     running_run(store)
-    service.stop()
     reporter = RunReporter(
         run_id="run-1", user_id=7, store=store, bus=EventBus(client, 1000), end_patience_s=1.0
     )
     started = time.monotonic()
-    with caplog.at_level(logging.ERROR, logger="trainer_tasks.reporting"):
+    with caplog.at_level(logging.ERROR, logger=logger):
         reporter.completed(completed_event())
     assert time.monotonic() - started < 1.0 + PROMPT_S
     assert reporter.finished
-    assert any(
-        "run-1: its end (completed) not recorded within 1 s" in record.getMessage()
-        for record in caplog.records
-    )
-    # Still running, as far as Redis knows: once the lease expires the run is taken up again.
+    assert any(logged in record.getMessage() for record in caplog.records)
     again = restart(url, workdir)
     try:
         record = RunStore(redis.Redis.from_url(url)).get("run-1")
         assert record is not None
-        assert record.status == "running"
-        assert sent_events(client) == []
-    finally:
-        again.stop()
-
-
-def test_a_final_event_is_given_up_after_its_patience_and_logged(
-    own_redis: tuple[devstack.Service, str, Path], caplog: pytest.LogCaptureFixture
-) -> None:
-    service, url, workdir = own_redis
-    client = one_try_client(url)
-    store = StopsRedisAtTheEnd(client, service, before_the_record=False)
-    running_run(store)
-    reporter = RunReporter(
-        run_id="run-1", user_id=7, store=store, bus=EventBus(client, 1000), end_patience_s=1.0
-    )
-    started = time.monotonic()
-    with caplog.at_level(logging.ERROR, logger="trainer_tasks.events"):
-        reporter.completed(completed_event())
-    assert time.monotonic() - started < 1.0 + PROMPT_S
-    assert reporter.finished
-    assert any(
-        "not delivered within 1 s: its user is not told" in record.getMessage() for record in caplog.records
-    )
-    # The end itself was recorded before Redis went away; the event never reached the stream.
-    client = redis.Redis.from_url(url)
-    again = restart(url, workdir)
-    try:
-        assert sent_events(client) == []
+        assert record.status == status
+        assert sent_events(redis.Redis.from_url(url)) == []
     finally:
         again.stop()
