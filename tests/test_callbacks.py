@@ -134,7 +134,12 @@ def store(redis_client: redis.Redis) -> RunStore:
 @pytest.fixture
 def reporter(store: RunStore, redis_client: redis.Redis) -> RunReporter:
     return RunReporter(
-        run_id=RUN_ID, user_id=USER_ID, store=store, bus=EventBus(redis_client, 1000), clock=lambda: 9.0
+        run_id=RUN_ID,
+        user_id=USER_ID,
+        holder="worker-a",
+        store=store,
+        bus=EventBus(redis_client, 1000),
+        clock=lambda: 9.0,
     )
 
 

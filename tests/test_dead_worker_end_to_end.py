@@ -151,7 +151,7 @@ async def redis_restarted_mid_run(tmp_path: Path) -> None:
     client = redis.Redis.from_url(url)
     store = RunStore(client)
     env = worker_env(url, tmp_path, SECURITY__LINK_SECRET="restart-link-secret")
-    # A fast machine ends these epochs while Redis is away: the end's record and event wait for it.
+    # A fast machine may end these epochs while Redis is away: then the end's record and event wait for it.
     request = train_request(tmp_path, num_epochs=3)
     store.create(run_id="kept-run", job_id="job", user_id=7, request=request.to_mapping(), now=time.time())
     logs = tmp_path / "logs"

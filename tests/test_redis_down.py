@@ -183,10 +183,19 @@ class StopsRedisAtTheEnd(RunStore):
         self._service = service
         self._before_the_record = before_the_record
 
-    def finish(self, run_id: str, status: RunStatus, message: str, now: float, **metrics: RedisValue) -> bool:
+    def finish(
+        self,
+        run_id: str,
+        status: RunStatus,
+        message: str,
+        now: float,
+        *,
+        holder: str = "",
+        **metrics: RedisValue,
+    ) -> bool:
         if self._service.process.poll() is None and self._before_the_record:
             self._service.stop()
-        recorded = super().finish(run_id, status, message, now, **metrics)
+        recorded = super().finish(run_id, status, message, now, holder=holder, **metrics)
         if self._service.process.poll() is None:
             self._service.stop()
         return recorded
@@ -200,9 +209,18 @@ class LosesTheFirstAnswer(RunStore):
         super().__init__(client)
         self.tries = 0
 
-    def finish(self, run_id: str, status: RunStatus, message: str, now: float, **metrics: RedisValue) -> bool:
+    def finish(
+        self,
+        run_id: str,
+        status: RunStatus,
+        message: str,
+        now: float,
+        *,
+        holder: str = "",
+        **metrics: RedisValue,
+    ) -> bool:
         self.tries += 1
-        recorded = super().finish(run_id, status, message, now, **metrics)
+        recorded = super().finish(run_id, status, message, now, holder=holder, **metrics)
         if self.tries == 1:
             raise redis.ConnectionError("Connection closed by server.")
         return recorded
@@ -251,7 +269,12 @@ def test_a_runs_end_waits_for_redis_to_come_back(
     # Patience to spare, but bounded: a Redis that fails to start again fails the test, not hangs it.
     patience_s = OUTAGE_S + LONGEST_PAUSE_S + PROMPT_S
     reporter = RunReporter(
-        run_id="run-1", user_id=7, store=store, bus=EventBus(client, 1000), end_patience_s=patience_s
+        run_id="run-1",
+        user_id=7,
+        holder="worker-a",
+        store=store,
+        bus=EventBus(client, 1000),
+        end_patience_s=patience_s,
     )
     restarted: list[devstack.Service] = []
     later = threading.Timer(OUTAGE_S, lambda: restarted.append(restart(url, workdir)))
@@ -290,9 +313,9 @@ def test_an_end_whose_answer_was_lost_is_known_as_recorded_when_tried_again(
     client = redis.Redis.from_url(url)
     store = LosesTheFirstAnswer(client)
     running_run(store)
-    RunReporter(run_id="run-1", user_id=7, store=store, bus=EventBus(client, 1000)).completed(
-        completed_event()
-    )
+    RunReporter(
+        run_id="run-1", user_id=7, holder="worker-a", store=store, bus=EventBus(client, 1000)
+    ).completed(completed_event())
     # The second try found the run no longer running, ended at this end's own time: its event goes out.
     assert store.tries == 2
     record = store.get("run-1")
@@ -305,9 +328,9 @@ def test_an_end_whose_answer_was_lost_is_known_as_recorded_when_tried_again(
     ("before_the_record", "logger", "logged", "status"),
     [
         # Still running, as far as Redis knows: once its lease expires the run is taken up again.
-        (True, "trainer_tasks.reporting", "run-1: its end (completed) not recorded within 1 s", "running"),
+        (True, "trainer_tasks.reporting", "run-1: its end (completed) not recorded within 1 s (", "running"),
         # The end was recorded before Redis went away; its user is not told.
-        (False, "trainer_tasks.events", "not delivered within 1 s: its user is not told", "completed"),
+        (False, "trainer_tasks.events", "not delivered within 1 s (", "completed"),
     ],
     ids=["before-the-record", "before-the-event"],
 )
@@ -324,7 +347,12 @@ def test_an_end_redis_stays_away_from_is_given_up_after_its_patience_and_logged(
     store = StopsRedisAtTheEnd(client, service, before_the_record)
     running_run(store)
     reporter = RunReporter(
-        run_id="run-1", user_id=7, store=store, bus=EventBus(client, 1000), end_patience_s=1.0
+        run_id="run-1",
+        user_id=7,
+        holder="worker-a",
+        store=store,
+        bus=EventBus(client, 1000),
+        end_patience_s=1.0,
     )
     started = time.monotonic()
     with caplog.at_level(logging.ERROR, logger=logger):

@@ -29,6 +29,7 @@ from trainer_tasks.reporting import RunReporter
 
 RUN_ID = "run-1"
 USER_ID = 123456789012345678
+HOLDER = "worker-a"
 
 
 class StepClock:
@@ -63,7 +64,7 @@ class RecordAtSend(EventBus):
 def store(redis_client: redis.Redis) -> RunStore:
     store = RunStore(redis_client)
     store.create(run_id=RUN_ID, job_id="job-1", user_id=USER_ID, request={}, now=1.0)
-    assert store.claim(RUN_ID, "worker-a", 60, 2.0)
+    assert store.claim(RUN_ID, HOLDER, 60, 2.0)
     return store
 
 
@@ -78,7 +79,9 @@ def clock() -> StepClock:
 
 
 def reporter_for(store: RunStore, bus: EventBus, clock: StepClock, last_seq: int = 0) -> RunReporter:
-    return RunReporter(run_id=RUN_ID, user_id=USER_ID, store=store, bus=bus, last_seq=last_seq, clock=clock)
+    return RunReporter(
+        run_id=RUN_ID, user_id=USER_ID, holder=HOLDER, store=store, bus=bus, last_seq=last_seq, clock=clock
+    )
 
 
 def record_of(store: RunStore) -> RunRecord:
@@ -352,17 +355,35 @@ def test_a_failure_redis_never_records_is_left_to_the_lease(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     broken = RunReporter(
-        run_id=RUN_ID, user_id=USER_ID, store=RunStore(unreachable), bus=bus, clock=clock, end_patience_s=1.0
+        run_id=RUN_ID,
+        user_id=USER_ID,
+        holder=HOLDER,
+        store=RunStore(unreachable),
+        bus=bus,
+        clock=clock,
+        end_patience_s=1.0,
     )
     with caplog.at_level(logging.WARNING, logger="trainer_tasks.reporting"):
         broken.failed("system", "could not record")
-    # Tried again while Redis stayed away, then given up without raising: one end per attempt.
-    unrecorded = [
-        record.getMessage() for record in caplog.records if "not recorded yet" in record.getMessage()
-    ]
-    assert len(unrecorded) >= 2
+    # Tried again while Redis stayed away, then given up without raising, saying why.
+    messages = [record.getMessage() for record in caplog.records]
+    assert len([message for message in messages if "not recorded yet" in message]) >= 2
+    assert any("its end (failed) not recorded within 1 s (Error" in message for message in messages)
     assert broken.finished
-    broken.completed(completed())
     # Nothing was sent for an ending that was never recorded; the run stays running for its lease to end.
     assert sent_events(redis_client) == []
     assert record_of(store).status == "running"
+
+
+def test_an_end_after_another_executor_took_the_run_over_is_neither_recorded_nor_sent(
+    store: RunStore, bus: RecordAtSend, clock: StepClock, redis_client: redis.Redis
+) -> None:
+    # This attempt's lease ended (Redis away longer than it, say) and worker-b took the run up again.
+    store.release(RUN_ID, HOLDER)
+    assert store.claim(RUN_ID, "worker-b", 60, 3.0)
+    reporter = reporter_for(store, bus, clock)
+    reporter.completed(completed())
+    assert reporter.finished
+    assert sent_events(redis_client) == []
+    record = record_of(store)
+    assert (record.status, record.worker, record.loss) == ("running", "worker-b", None)

@@ -240,6 +240,28 @@ def test_finish_of_a_queued_run_is_refused(store: RunStore, redis_client: redis.
     assert redis_client.ttl(run_key("run-1")) == -1
 
 
+def test_finish_by_an_attempt_whose_run_was_taken_over_is_refused(store: RunStore) -> None:
+    _create(store)
+    assert store.claim("run-1", "worker-a", lease_s=30, now=NOW + 1)
+    # worker-a's lease ends (released here, as its expiry would) and worker-b takes the run up again.
+    store.release("run-1", "worker-a")
+    assert store.claim("run-1", "worker-b", lease_s=30, now=NOW + 5)
+    assert not store.finish("run-1", "completed", "done late", NOW + 9, holder="worker-a", loss=1.0)
+    record = _get(store)
+    assert (record.status, record.worker, record.attempt, record.loss) == ("running", "worker-b", 2, None)
+    assert store.finish("run-1", "completed", "done", NOW + 10, holder="worker-b", loss=2.0)
+    assert (_get(store).status, _get(store).loss) == ("completed", 2.0)
+
+
+def test_finish_by_an_attempt_whose_lease_ended_unclaimed_is_recorded(store: RunStore) -> None:
+    _create(store)
+    assert store.claim("run-1", "worker-a", lease_s=30, now=NOW + 1)
+    store.release("run-1", "worker-a")
+    # Nobody took the run over: the attempt that trained it still records its end.
+    assert store.finish("run-1", "completed", "done", NOW + 9, holder="worker-a")
+    assert _get(store).status == "completed"
+
+
 def test_failed_finish_records_the_error_kind(store: RunStore) -> None:
     _create(store)
     assert store.claim("run-1", "worker-a", lease_s=30, now=NOW + 1)

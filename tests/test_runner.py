@@ -364,17 +364,20 @@ def test_a_completion_the_store_cannot_record_is_reported_as_a_failure(
     create_run()
     worker = make_worker(worker_settings, redis_client, requeued, FakeTraining(completes))
     real_finish = worker.store.finish
-    calls: list[str] = []
+    calls: list[tuple[str, str]] = []
 
-    def flaky_finish(run_id: str, status: RunStatus, message: str, now: float, **metrics: RedisValue) -> bool:
-        calls.append(status)
+    def flaky_finish(
+        run_id: str, status: RunStatus, message: str, now: float, *, holder: str = "", **metrics: RedisValue
+    ) -> bool:
+        calls.append((status, holder))
         if status == "completed":
             raise redis.ResponseError("OOM command not allowed when used memory > 'maxmemory'")
-        return real_finish(run_id, status, message, now, **metrics)
+        return real_finish(run_id, status, message, now, holder=holder, **metrics)
 
     monkeypatch.setattr(worker.store, "finish", flaky_finish)
     assert execute_run(RUN_ID, worker) == "failed"
-    assert calls == ["completed", "failed"]
+    # Each end is recorded as the attempt that holds the lease.
+    assert calls == [("completed", HOLDER), ("failed", HOLDER)]
     record = record_of(store)
     assert (record.status, record.error_kind) == ("failed", "system")
     assert "ResponseError" in record.message

@@ -124,7 +124,9 @@ def context_for(
         run_id=run_id, job_id=f"job-{run_id}", user_id=USER_ID, request=train_request.to_mapping(), now=1.0
     )
     assert store.claim(run_id, "worker-a", 60, 2.0)
-    reporter = RunReporter(run_id=run_id, user_id=USER_ID, store=store, bus=EventBus(client, 10_000))
+    reporter = RunReporter(
+        run_id=run_id, user_id=USER_ID, holder="worker-a", store=store, bus=EventBus(client, 10_000)
+    )
     return RunContext(
         run_id=run_id,
         request=train_request,
@@ -418,7 +420,10 @@ def test_a_run_stopped_after_its_last_epoch_completes_from_its_final_checkpoint(
     assert completed.loss == pytest.approx(final_val_loss, rel=1e-5)
     record = record_of(redis_client, "run-at-end")
     assert (record.status, record.loss) == ("completed", completed.loss)
-    assert artifact_dir(context).is_dir()
+    # The loss measured again belongs to the one epoch trained, at the step it ended on.
+    [row] = csv.DictReader((artifact_dir(context) / "metrics.csv").open())
+    assert (row["step"], row["epoch"]) == (str(checkpoint["global_step"]), "1")
+    assert float(row["val_loss"]) == pytest.approx(completed.loss)
 
 
 def test_a_lost_lease_stops_training_reports_nothing_and_saves_no_checkpoint(
@@ -817,6 +822,7 @@ def test_redis_stopped_mid_run_costs_log_lines_not_training_steps(
     patient_for_a_second = RunReporter(
         run_id="run-outage",
         user_id=USER_ID,
+        holder="worker-a",
         store=RunStore(client),
         bus=EventBus(client, 10_000),
         end_patience_s=1,

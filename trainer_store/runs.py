@@ -269,9 +269,10 @@ return {'created'}
 # ARGV: finished TTL, never-sent message.
 _FAIL_UNSENT = _MOVE + "return fail_unsent(ARGV[1], ARGV[2])"
 
-# Moves a run to a new status only from one of the allowed ones, atomically with its other fields.
-# KEYS: run hash, counts, unsent. ARGV: allowed statuses joined by ',', new status, now, finished TTL,
-# then field/value pairs.
+# Moves a run to a new status only from one of the allowed ones, atomically with its other fields; with
+# a holder, not while another executor holds the run's lease.
+# KEYS: run hash, counts, unsent, lease. ARGV: allowed statuses joined by ',', new status, now, finished
+# TTL, holder ('' for none), then field/value pairs.
 _TRANSITION = (
     _MOVE
     + """
@@ -282,8 +283,12 @@ for status in string.gmatch(ARGV[1], '[^,]+') do
   if status == current then allowed = true end
 end
 if not allowed then return 0 end
+if ARGV[5] ~= '' then
+  local holder = redis.call('GET', KEYS[4])
+  if holder and holder ~= ARGV[5] then return 0 end
+end
 move(KEYS[1], ARGV[2], tonumber(ARGV[3]), ARGV[4])
-for i = 5, #ARGV, 2 do redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1]) end
+for i = 6, #ARGV, 2 do redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1]) end
 return 1
 """
 )
@@ -575,13 +580,15 @@ class RunStore:
         )
         return bool(result == 1)
 
+    def redis_now(self) -> float:
+        """Redis's clock, which the lease and expiry indexes are scored by: workers' clocks may drift."""
+        seconds, micros = self._redis.time()
+        return seconds + micros / 1e6
+
     def expired_leases(self, limit: int = 100) -> list[str]:
         """Running runs whose lease expired by the Redis clock, longest expired first: their worker died,
         or lost Redis for longer than the lease."""
-        seconds, micros = self._redis.time()
-        found = self._redis.zrangebyscore(
-            RUNNING_LEASES_KEY, "-inf", seconds + micros / 1e6, start=0, num=limit
-        )
+        found = self._redis.zrangebyscore(RUNNING_LEASES_KEY, "-inf", self.redis_now(), start=0, num=limit)
         return [text(run_id) for run_id in found]
 
     def resume_abandoned(self, run_id: str, message: str) -> bool:
@@ -633,22 +640,36 @@ class RunStore:
         status: RunStatus,
         fields: dict[str, RedisValue] | None = None,
         now: float | None = None,
+        holder: str = "",
     ) -> bool:
+        """Move the run to `status` from one of `allowed_from`; with a `holder`, refused (False) while
+        another executor holds the run's lease."""
         args: list[RedisValue] = [
             ",".join(allowed_from),
             status,
             time.time() if now is None else now,
             FINISHED_RUN_TTL_S,
+            holder,
         ]
         for name, value in (fields or {}).items():
             args.extend((name, value))
-        return bool(self._transition(keys=self._moving_keys(run_id), args=args) == 1)
+        keys = [*self._moving_keys(run_id), lease_key(run_id)]
+        return bool(self._transition(keys=keys, args=args) == 1)
 
-    def finish(self, run_id: str, status: RunStatus, message: str, now: float, **metrics: RedisValue) -> bool:
-        """Record the end of a running run; False when it was not running (already ended elsewhere)."""
-        return self.transition(
-            run_id, ("running",), status, {"message": message, "finished_at": now, **metrics}, now=now
-        )
+    def finish(
+        self,
+        run_id: str,
+        status: RunStatus,
+        message: str,
+        now: float,
+        *,
+        holder: str = "",
+        **metrics: RedisValue,
+    ) -> bool:
+        """Record the end of a running run; False when it was not running (already ended elsewhere) or,
+        given its executor's `holder`, when another executor took it over after that one's lease expired."""
+        fields: dict[str, RedisValue] = {"message": message, "finished_at": now, **metrics}
+        return self.transition(run_id, ("running",), status, fields, now=now, holder=holder)
 
     def delete(self, record: RunRecord) -> str:
         """Remove a finished run's keys: its record, index entry, evaluation, log and events.

@@ -9,6 +9,7 @@ from collections.abc import Callable, Mapping
 import lightning as L
 import torch
 from lightning.pytorch.callbacks import OnExceptionCheckpoint
+from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_only
 
 from schemas.events import TrainProgress, TrainStarted
@@ -153,7 +154,11 @@ class EventCallback(L.Callback):
     def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         val_loss = finite_or_none(scalar(trainer.callback_metrics.get("val_loss")))
         if val_loss is not None and not trainer.sanity_checking:
-            self._metrics.validation(trainer.global_step, trainer.current_epoch + 1, val_loss)
+            # Within fit the epoch being trained; after it (a run resumed past its last epoch is measured
+            # again) the epochs already done.
+            fitting = trainer.state.fn == TrainerFn.FITTING
+            epoch = trainer.current_epoch + 1 if fitting else trainer.current_epoch
+            self._metrics.validation(trainer.global_step, epoch, val_loss)
 
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if math.isfinite(self._last_loss):  # nothing trained yet in this attempt (a resume at an epoch's end)

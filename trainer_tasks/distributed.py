@@ -37,6 +37,7 @@ class RankPlan:
     """What every rank needs, as plain data: a spawned process receives only what pickles."""
 
     run_id: str
+    holder: str  # the task's lease holder: rank zero records the run's end as it
     request: TrainRequest
     queue: str
     worker: str
@@ -66,6 +67,7 @@ def plan_for(context: RunContext) -> RankPlan:
     files = context.files
     return RankPlan(
         run_id=context.run_id,
+        holder=context.reporter.holder,
         request=context.request,
         queue=context.queue,
         worker=context.worker,
@@ -104,6 +106,7 @@ def run_rank(rank: int, plan: RankPlan, train: Callable[[RunContext], None]) -> 
     reporter = RunReporter(
         run_id=plan.run_id,
         user_id=plan.request.user_id,
+        holder=plan.holder,
         store=store,
         bus=EventBus(client, settings.events_stream_maxlen),
         last_seq=record.last_seq if record else 0,

@@ -56,12 +56,13 @@ class EventBus:
             patiently(
                 lambda: self._write(event, payload), patience_s, lambda exc: _log_undelivered(event, exc)
             )
-        except REDIS_AWAY:
+        except REDIS_AWAY as exc:
             log.error(
-                "event %s for run %s not delivered within %g s: its user is not told",
+                "event %s for run %s not delivered within %g s (%s): its user is not told",
                 event.type,
                 event.run_id,
                 patience_s,
+                exc,
             )
             return False
         except redis.RedisError as exc:

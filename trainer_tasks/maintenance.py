@@ -8,7 +8,6 @@ import logging
 import os
 import socket
 import threading
-import time
 import uuid
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -37,7 +36,7 @@ return 0
 @dataclass(frozen=True)
 class PeriodicCheck:
     name: str
-    run: Callable[[float], object]  # given the time now (Unix seconds)
+    run: Callable[[], object]
     # Run by one worker at a time, under the lock; a check that is safe to run everywhere at once is not
     # held up by a worker that died holding the lock.
     exclusive: bool = True
@@ -50,9 +49,12 @@ def checks_for(settings: Settings, client: redis.Redis) -> list[PeriodicCheck]:
     store = RunStore(client)
     return [
         PeriodicCheck(
-            "runs whose worker died", lambda now: resume_abandoned_runs(store, requeue), exclusive=False
+            "runs whose worker died", lambda: resume_abandoned_runs(store, requeue), exclusive=False
         ),
-        PeriodicCheck("working files of expired runs", lambda now: sweep_expired_runs(files, client, now)),
+        PeriodicCheck(
+            "working files of expired runs",
+            lambda: sweep_expired_runs(files, client, store.redis_now()),
+        ),
     ]
 
 
@@ -62,7 +64,7 @@ def start_checks_for(client: redis.Redis) -> list[PeriodicCheck]:
     store = RunStore(client)
     return [
         PeriodicCheck(
-            "running runs missing from the lease index", lambda now: _index_unleased(store), exclusive=False
+            "running runs missing from the lease index", lambda: _index_unleased(store), exclusive=False
         )
     ]
 
@@ -91,7 +93,6 @@ class Maintenance:
         checks: Sequence[PeriodicCheck],
         interval_s: float,
         holder: str,
-        clock: Callable[[], float] = time.time,
         start_checks: Sequence[PeriodicCheck] = (),
     ) -> None:
         self._redis = client
@@ -99,7 +100,6 @@ class Maintenance:
         self.start_checks = start_checks
         self.interval_s = interval_s
         self._holder = holder
-        self._clock = clock
         self._release = client.register_script(_RELEASE)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="maintenance", daemon=True)
@@ -128,7 +128,7 @@ class Maintenance:
         failed: list[PeriodicCheck] = []
         for check in checks:
             try:
-                check.run(self._clock())
+                check.run()
             except Exception:
                 # One failing check (a store that is away) must not stop the others or the thread.
                 log.exception("periodic check %r failed", check.name)

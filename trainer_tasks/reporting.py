@@ -32,6 +32,7 @@ class RunReporter:
         *,
         run_id: str,
         user_id: int,
+        holder: str,
         store: RunStore,
         bus: EventBus,
         last_seq: int = 0,
@@ -40,6 +41,8 @@ class RunReporter:
     ) -> None:
         self.run_id = run_id
         self.user_id = user_id
+        # The executor whose lease this attempt holds: once another has taken the run over, its end is theirs.
+        self.holder = holder
         self._store = store
         self._bus = bus
         self._seq = last_seq
@@ -90,13 +93,14 @@ class RunReporter:
         self._tell_failed(status, error_kind, message)
 
     def _finish(self, status: RunStatus, message: str, **fields: RedisValue) -> bool:
-        """Record the run's end, waiting out a Redis that is away; False when the run had ended elsewhere,
-        or when Redis stayed away past the patience: the run stays running, its lease expires with this
-        worker's heartbeat, and the periodic check sends it back to resume from its last checkpoint."""
+        """Record the run's end, waiting out a Redis that is away; False when the run had ended or been
+        taken over elsewhere, or when Redis stayed away past the patience: then the run stays running, its
+        lease is released or expires once this attempt is over, and the periodic check sends it back to
+        resume from its last checkpoint."""
         now = self._clock()
 
         def record_end() -> bool:
-            if self._store.finish(self.run_id, status, message, now, **fields):
+            if self._store.finish(self.run_id, status, message, now, holder=self.holder, **fields):
                 return True
             # A try whose answer was lost may have recorded this end already: the end at this very time.
             record = self._store.get(self.run_id)
@@ -104,12 +108,13 @@ class RunReporter:
 
         try:
             return patiently(record_end, self._end_patience_s, self._log_unrecorded)
-        except REDIS_AWAY:
+        except REDIS_AWAY as exc:
             log.error(
-                "run %s: its end (%s) not recorded within %g s; taken up again once its lease expires",
+                "run %s: its end (%s) not recorded within %g s (%s); taken up again once its lease expires",
                 self.run_id,
                 status,
                 self._end_patience_s,
+                exc,
             )
             return False
 

@@ -96,7 +96,12 @@ def execute_run(run_id: str, worker: Worker) -> str:
         log.info("run %s: another executor holds it; this delivery does nothing", run_id)
         return "held-elsewhere"
     reporter = RunReporter(
-        run_id=run_id, user_id=record.user_id, store=worker.store, bus=worker.bus, last_seq=record.last_seq
+        run_id=run_id,
+        user_id=record.user_id,
+        holder=worker.holder,
+        store=worker.store,
+        bus=worker.bus,
+        last_seq=record.last_seq,
     )
     try:
         # As claimed: this attempt counted, and a dead attempt's time added to train_s. A running run's
@@ -112,7 +117,12 @@ def end_canceled_queued_run(run_id: str, worker: Worker) -> str:
     if record is None:
         return "missing"
     reporter = RunReporter(
-        run_id=run_id, user_id=record.user_id, store=worker.store, bus=worker.bus, last_seq=record.last_seq
+        run_id=run_id,
+        user_id=record.user_id,
+        holder=worker.holder,
+        store=worker.store,
+        bus=worker.bus,
+        last_seq=record.last_seq,
     )
     return "canceled" if reporter.canceled_while_queued() else record.status
 
