@@ -95,14 +95,7 @@ def execute_run(run_id: str, worker: Worker) -> str:
         # the periodic check sends that run back once it has. This delivery is done.
         log.info("run %s: another executor holds it; this delivery does nothing", run_id)
         return "held-elsewhere"
-    reporter = RunReporter(
-        run_id=run_id,
-        user_id=record.user_id,
-        holder=worker.holder,
-        store=worker.store,
-        bus=worker.bus,
-        last_seq=record.last_seq,
-    )
+    reporter = _reporter_for(record, worker)
     try:
         # As claimed: this attempt counted, and a dead attempt's time added to train_s. A running run's
         # record has no expiry and cannot be deleted, so it is there.
@@ -111,19 +104,24 @@ def execute_run(run_id: str, worker: Worker) -> str:
         worker.store.release(run_id, worker.holder)
 
 
-def end_canceled_queued_run(run_id: str, worker: Worker) -> str:
-    """End a queued run its user canceled, at once; a run a worker took meanwhile sees the flag there."""
-    record = worker.store.get(run_id)
-    if record is None:
-        return "missing"
-    reporter = RunReporter(
-        run_id=run_id,
+def _reporter_for(record: RunRecord, worker: Worker) -> RunReporter:
+    """The run's reporter on this worker: its events numbered on from the record's last one."""
+    return RunReporter(
+        run_id=record.run_id,
         user_id=record.user_id,
         holder=worker.holder,
         store=worker.store,
         bus=worker.bus,
         last_seq=record.last_seq,
     )
+
+
+def end_canceled_queued_run(run_id: str, worker: Worker) -> str:
+    """End a queued run its user canceled, at once; a run a worker took meanwhile sees the flag there."""
+    record = worker.store.get(run_id)
+    if record is None:
+        return "missing"
+    reporter = _reporter_for(record, worker)
     return "canceled" if reporter.canceled_while_queued() else record.status
 
 
