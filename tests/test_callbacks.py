@@ -484,3 +484,32 @@ def test_a_validation_loss_that_is_not_finite_is_the_users(tmp_path: Path, repor
     fit(run, TinyModule(nan_validation=True))
     with pytest.raises(UserError, match="validation loss is nan: lower the learning rate"):
         callbacks.guard.final_loss(run)
+
+
+def test_metric_rows_round_trip_through_a_checkpoints_state(reporter: RunReporter) -> None:
+    logged = MetricsLog()
+    logged.train(1, 1, 2.5, 1e-3)
+    logged.train(2, 1, math.nan, None)
+    logged.validation(2, 1, 2.25)
+    state = callback(reporter, metrics=logged).events.state_dict()
+    resumed = MetricsLog()
+    resumed.validation(9, 9, 9.0)  # replaced: the checkpoint's rows are the run's history to its step
+    callback(reporter, metrics=resumed).events.load_state_dict(state)
+    # Compared as text: a NaN loss (a step without one) equals no other NaN.
+    assert repr(resumed.rows) == repr(logged.rows)
+    assert len(resumed.rows) == 3
+
+
+@pytest.mark.parametrize(
+    ("state", "message"),
+    [
+        ("rows", "metric rows must be a list"),
+        ([[1, 1]], "metric row must be a mapping"),
+        ([{"step": 1.0, "epoch": 1}], "needs an integer step and epoch"),
+        ([{"step": 1, "epoch": None}], "needs an integer step and epoch"),
+        ([{"step": 1, "epoch": 1, "val_loss": "2.5"}], "holds '2.5' where a float belongs"),
+    ],
+)
+def test_metric_rows_a_checkpoint_holds_in_another_shape_are_refused(state: object, message: str) -> None:
+    with pytest.raises(TypeError, match=message):
+        MetricsLog().restore(state)

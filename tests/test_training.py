@@ -387,6 +387,14 @@ def test_a_shutdown_saves_last_and_the_next_delivery_resumes_there(
     assert resumed[0] == 4
     assert isinstance(events[-1], TrainCompleted)
     assert record_of(redis_client, "run-resume").status == "completed"
+    # The metrics hold both attempts, each step at most once: the first attempt's came back with its
+    # checkpoint. Step 3 trained but has no row: the shutdown stopped the run there before any callback
+    # after the guard saw it.
+    rows = list(csv.DictReader((artifact_dir(again) / "metrics.csv").open()))
+    steps = [int(row["step"]) for row in rows if row["train_loss"]]
+    assert steps == [1, 2, *range(4, steps[-1] + 1)]
+    assert steps[-1] == resumed[-1]
+    assert [row["epoch"] for row in rows if row["val_loss"]] == ["1"]
 
 
 def test_a_run_stopped_after_its_last_epoch_completes_from_its_final_checkpoint(
@@ -420,10 +428,16 @@ def test_a_run_stopped_after_its_last_epoch_completes_from_its_final_checkpoint(
     assert completed.loss == pytest.approx(final_val_loss, rel=1e-5)
     record = record_of(redis_client, "run-at-end")
     assert (record.status, record.loss) == ("completed", completed.loss)
-    # The loss measured again belongs to the one epoch trained, at the step it ended on.
-    [row] = csv.DictReader((artifact_dir(context) / "metrics.csv").open())
-    assert (row["step"], row["epoch"]) == (str(checkpoint["global_step"]), "1")
-    assert float(row["val_loss"]) == pytest.approx(completed.loss)
+    # The first attempt's rows came back with its checkpoint; the loss measured again belongs to the one
+    # epoch trained, at the step it ended on.
+    rows = list(csv.DictReader((artifact_dir(context) / "metrics.csv").open()))
+    last_step = str(checkpoint["global_step"])
+    assert [row["step"] for row in rows if row["train_loss"]][-1] == last_step
+    validations = [row for row in rows if row["val_loss"]]
+    assert [(row["step"], row["epoch"]) for row in validations] == [(last_step, "1"), (last_step, "1")]
+    measured, measured_again = (float(row["val_loss"]) for row in validations)
+    assert measured == pytest.approx(final_val_loss, rel=1e-5)
+    assert measured_again == pytest.approx(completed.loss)
 
 
 def test_a_lost_lease_stops_training_reports_nothing_and_saves_no_checkpoint(

@@ -35,6 +35,32 @@ class MetricsLog:
     def validation(self, step: int, epoch: int, loss: float) -> None:
         self.rows.append(MetricRow(step=step, epoch=epoch, val_loss=loss))
 
+    def to_state(self) -> list[dict[str, int | float | None]]:
+        """The rows as plain data, for a checkpoint."""
+        return [asdict(row) for row in self.rows]
+
+    def restore(self, state: object) -> None:
+        """The rows a checkpoint kept, in place of any: what the attempts before a resume logged."""
+        if not isinstance(state, list):
+            raise TypeError("a checkpoint's metric rows must be a list")
+        self.rows[:] = [_metric_row(item) for item in state]
+
+
+def _metric_row(item: object) -> MetricRow:
+    if not isinstance(item, dict):
+        raise TypeError("a checkpoint's metric row must be a mapping")
+    step, epoch = item.get("step"), item.get("epoch")
+    if not isinstance(step, int) or not isinstance(epoch, int):
+        raise TypeError("a checkpoint's metric row needs an integer step and epoch")
+    train_loss, val_loss, lr = (_optional_float(item.get(name)) for name in ("train_loss", "val_loss", "lr"))
+    return MetricRow(step=step, epoch=epoch, train_loss=train_loss, val_loss=val_loss, lr=lr)
+
+
+def _optional_float(value: object) -> float | None:
+    if value is None or isinstance(value, float):
+        return value
+    raise TypeError(f"a checkpoint's metric row holds {value!r} where a float belongs")
+
 
 def write_metrics_csv(log: MetricsLog, path: Path) -> None:
     with path.open("w", newline="") as handle:

@@ -134,6 +134,13 @@ class EventCallback(L.Callback):
         self._last_sent_at = 0.0
         self._last_sent_step = 0
 
+    def state_dict(self) -> dict[str, object]:
+        # In every checkpoint: a resumed run's metrics.csv and loss curve begin with its earlier attempts.
+        return {"metric_rows": self._metrics.to_state()}
+
+    def load_state_dict(self, state_dict: dict[str, object]) -> None:
+        self._metrics.restore(state_dict.get("metric_rows", []))
+
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._last_sent_at = self._clock()
         self._last_sent_step = trainer.global_step
