@@ -18,7 +18,7 @@ from trainer_store.jobs import (
 )
 from trainer_store.storage import Storage
 from trainer_tasks.errors import UserError
-from trainer_tasks.jobs import run_job
+from trainer_tasks.jobs import JobEnd, run_job
 
 KEY = tokenizer_key("tok-1")
 REQUEST: dict[str, object] = {"corpus_path": "/c/notes.txt", "vocab_size": 300}
@@ -182,8 +182,11 @@ def test_run_job_fails_a_store_that_does_not_answer_naming_the_store(
     def read_corpus(request: dict[str, object]) -> dict[str, object]:
         return {"bytes": len(storage.read_bytes("uploads/c1.txt"))}
 
-    assert run_job(jobs, KEY, read_corpus) == "failed"
+    ends: list[JobEnd] = []
+    assert run_job(jobs, KEY, read_corpus, ends.append) == "failed"
     record = record_of(jobs)
     assert record.message.startswith(
         f"the job could not use the object store s3://corpora-bucket/prefix at {endpoint}: "
     )
+    # Whoever waits on the job hears why, as for any other failure.
+    assert [(end.error_kind, end.message) for end in ends] == [("system", record.message)]

@@ -1,4 +1,4 @@
-"""Redis away as a request arrives, before a run's task is sent, or as a run ends (a real Redis)."""
+"""Redis away as a request arrives, before a run's task is sent, or as a run or a job ends (a real Redis)."""
 
 from __future__ import annotations
 
@@ -28,12 +28,15 @@ from tests.test_api import SNOWFLAKE, assert_envelope, json_of, submit, valid_bo
 from trainer_api import create_app, limits
 from trainer_api.idempotency import HEADER, PENDING_S, record_key
 from trainer_api.services import Task, sender
+from trainer_store.jobs import JobStore, evaluation_key
 from trainer_store.outages import LONGEST_PAUSE_S
 from trainer_store.records import text
 from trainer_store.runs import NEVER_SENT_MESSAGE, UNSENT_RUNS_KEY, RedisValue, RunStore, run_key
 from trainer_store.settings import Settings
 from trainer_tasks.app import TRAIN_TASK
+from trainer_tasks.errors import UserError
 from trainer_tasks.events import EventBus
+from trainer_tasks.jobs import JobEnd, run_job
 from trainer_tasks.reporting import RunReporter
 
 # A request to an API whose Redis is away answers within this (the client's timeouts and retries).
@@ -366,5 +369,58 @@ def test_an_end_redis_stays_away_from_is_given_up_after_its_patience_and_logged(
         assert record is not None
         assert record.status == status
         assert sent_events(redis.Redis.from_url(url)) == []
+    finally:
+        again.stop()
+
+
+def test_a_jobs_end_waits_for_redis_to_come_back(own_redis: tuple[devstack.Service, str, Path]) -> None:
+    service, url, workdir = own_redis
+    jobs = JobStore(one_try_client(url))
+    jobs.create(evaluation_key("run-1"), {"split": "test"}, now=time.time())
+    ends: list[JobEnd] = []
+
+    def evaluate_then_lose_redis(request: dict[str, object]) -> dict[str, object]:
+        service.stop()
+        return {"loss": 1.5}
+
+    restarted: list[devstack.Service] = []
+    later = threading.Timer(OUTAGE_S, lambda: restarted.append(restart(url, workdir)))
+    later.start()
+    try:
+        patience_s = OUTAGE_S + LONGEST_PAUSE_S + PROMPT_S
+        status = run_job(jobs, evaluation_key("run-1"), evaluate_then_lose_redis, ends.append, patience_s)
+        record = JobStore(redis.Redis.from_url(url)).get(evaluation_key("run-1"))
+    finally:
+        later.join()
+        for again in restarted:
+            again.stop()
+    assert status == "completed"
+    assert record is not None
+    assert (record.status, record.result) == ("completed", {"loss": 1.5})
+    # Its user is told once the record says so.
+    assert [end.result for end in ends] == [{"loss": 1.5}]
+
+
+def test_a_jobs_end_redis_stays_away_from_leaves_it_running_and_tells_nobody(
+    own_redis: tuple[devstack.Service, str, Path], caplog: pytest.LogCaptureFixture
+) -> None:
+    service, url, workdir = own_redis
+    jobs = JobStore(one_try_client(url))
+    jobs.create(evaluation_key("run-1"), {"split": "test"}, now=time.time())
+    ends: list[JobEnd] = []
+
+    def fail_then_lose_redis(request: dict[str, object]) -> dict[str, object]:
+        service.stop()
+        raise UserError("the model folder is empty")
+
+    with caplog.at_level(logging.ERROR, logger="trainer_tasks.jobs"):
+        assert run_job(jobs, evaluation_key("run-1"), fail_then_lose_redis, ends.append, 1.0) == "running"
+    assert ends == []
+    assert "its end not recorded within 1 s (" in caplog.text
+    again = restart(url, workdir)
+    try:
+        record = JobStore(redis.Redis.from_url(url)).get(evaluation_key("run-1"))
+        assert record is not None
+        assert record.status == "running"
     finally:
         again.stop()
