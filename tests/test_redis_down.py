@@ -373,10 +373,19 @@ def test_an_end_redis_stays_away_from_is_given_up_after_its_patience_and_logged(
         again.stop()
 
 
+EVALUATION = evaluation_key("run-1")
+
+
+def queued_evaluation(url: str) -> JobStore:
+    """A queued evaluation, its store on a client with no retries of its own (as for the run's end)."""
+    jobs = JobStore(one_try_client(url))
+    jobs.create(EVALUATION, {"split": "test"}, now=time.time())
+    return jobs
+
+
 def test_a_jobs_end_waits_for_redis_to_come_back(own_redis: tuple[devstack.Service, str, Path]) -> None:
     service, url, workdir = own_redis
-    jobs = JobStore(one_try_client(url))
-    jobs.create(evaluation_key("run-1"), {"split": "test"}, now=time.time())
+    jobs = queued_evaluation(url)
     ends: list[JobEnd] = []
 
     def evaluate_then_lose_redis(request: dict[str, object]) -> dict[str, object]:
@@ -388,8 +397,8 @@ def test_a_jobs_end_waits_for_redis_to_come_back(own_redis: tuple[devstack.Servi
     later.start()
     try:
         patience_s = OUTAGE_S + LONGEST_PAUSE_S + PROMPT_S
-        status = run_job(jobs, evaluation_key("run-1"), evaluate_then_lose_redis, ends.append, patience_s)
-        record = JobStore(redis.Redis.from_url(url)).get(evaluation_key("run-1"))
+        status = run_job(jobs, EVALUATION, evaluate_then_lose_redis, ends.append, patience_s)
+        record = JobStore(redis.Redis.from_url(url)).get(EVALUATION)
     finally:
         later.join()
         for again in restarted:
@@ -405,8 +414,7 @@ def test_a_jobs_end_redis_stays_away_from_leaves_it_running_and_tells_nobody(
     own_redis: tuple[devstack.Service, str, Path], caplog: pytest.LogCaptureFixture
 ) -> None:
     service, url, workdir = own_redis
-    jobs = JobStore(one_try_client(url))
-    jobs.create(evaluation_key("run-1"), {"split": "test"}, now=time.time())
+    jobs = queued_evaluation(url)
     ends: list[JobEnd] = []
 
     def fail_then_lose_redis(request: dict[str, object]) -> dict[str, object]:
@@ -414,12 +422,12 @@ def test_a_jobs_end_redis_stays_away_from_leaves_it_running_and_tells_nobody(
         raise UserError("the model folder is empty")
 
     with caplog.at_level(logging.ERROR, logger="trainer_tasks.jobs"):
-        assert run_job(jobs, evaluation_key("run-1"), fail_then_lose_redis, ends.append, 1.0) == "running"
+        assert run_job(jobs, EVALUATION, fail_then_lose_redis, ends.append, 1.0) == "running"
     assert ends == []
     assert "its end not recorded within 1 s (" in caplog.text
     again = restart(url, workdir)
     try:
-        record = JobStore(redis.Redis.from_url(url)).get(evaluation_key("run-1"))
+        record = JobStore(redis.Redis.from_url(url)).get(EVALUATION)
         assert record is not None
         assert record.status == "running"
     finally:
