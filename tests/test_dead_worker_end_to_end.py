@@ -17,7 +17,7 @@ from schemas.api import TrainRequest
 from schemas.events import TrainCompleted, TrainProgress, TrainStarted
 from scripts import corpus, devstack
 from tests.fake_discord import TOKEN, dm_channel_id, first_embed, serve
-from tests.streams import sent_events
+from tests.streams import events_through_the_end
 from tests.test_shutdown_end_to_end import step, wait_for
 from trainer_store.runs import RUNNING_LEASES_KEY, RunStore
 from trainer_tasks.app import TRAIN_TASK
@@ -84,7 +84,7 @@ def test_a_run_whose_whole_worker_is_killed_resumes_from_its_checkpoint_and_comp
         assert (ended.status, ended.attempt) == ("completed", 2), ended
         assert ended.train_s > 0
         assert client.zscore(RUNNING_LEASES_KEY, "kept-run") is None
-        events = sent_events(client)
+        events = events_through_the_end(client, "kept-run")
         assert len([event for event in events if isinstance(event, TrainCompleted)]) == 1
         resumed = [
             event
@@ -124,7 +124,7 @@ def test_a_message_delivered_again_while_its_run_trains_is_executed_once(
         Celery(broker=url).send_task(TRAIN_TASK, args=["once-run"], queue="training")
         ended = wait_for(store, "once-run", lambda record: record.is_terminal, timeout_s=END_WAIT_S)
         assert (ended.status, ended.attempt) == ("completed", 1), ended
-        events = [event for event in sent_events(client) if event.run_id == "once-run"]
+        events = events_through_the_end(client, "once-run")
         assert len([event for event in events if isinstance(event, TrainStarted)]) == 1
         assert len([event for event in events if isinstance(event, TrainCompleted)]) == 1
         # The idle worker took the message delivered again while the other trained, and did nothing.
@@ -179,7 +179,7 @@ async def redis_restarted_mid_run(tmp_path: Path) -> None:
                 wait_for, store, "kept-run", lambda record: record.is_terminal, END_WAIT_S
             )
             assert (ended.status, ended.attempt) == ("completed", 1), ended
-            events = [event for event in sent_events(client) if event.run_id == "kept-run"]
+            events = await asyncio.to_thread(events_through_the_end, client, "kept-run")
             assert len([event for event in events if isinstance(event, TrainCompleted)]) == 1
             assert "heartbeat failed" in worker.log()
             # The API answers from the Redis it lost, and the bot DMs the completion it read after it.

@@ -14,6 +14,7 @@ import requests
 from schemas.events import EVENTS_STREAM, NotAnEvent, TrainCompleted, TrainEvent, TrainStarted, decode_event
 from scripts import corpus, devstack
 from tests.conftest import Stack
+from tests.streams import events_through_the_end
 
 QUEUES = {"training": "alpha", "second": "beta"}  # queue -> the name of the worker that consumes it
 RUNS_PER_QUEUE = 3
@@ -128,6 +129,9 @@ def test_runs_on_two_queues_train_once_each_on_their_queues_workers_as_positions
         for run_id in ids:
             assert seen[run_id] == sorted(seen[run_id], reverse=True), seen[run_id]
 
+    for ids in runs.values():
+        for run_id in ids:
+            events_through_the_end(cluster.client, run_id)  # each record ends before its event is sent
     events = events_by_run(cluster.client)
     for queue, ids in runs.items():
         worker = QUEUES[queue]
@@ -195,7 +199,7 @@ def test_two_devices_train_through_a_threads_pool_worker_and_fail_on_a_prefork_o
 
     # One started and one completed event for the run, and one model, from rank zero.
     client = redis.Redis.from_url(stack.redis_url)
-    events = events_by_run(client)[runs["ddp"]]
+    events = events_through_the_end(client, runs["ddp"])
     client.close()
     assert [type(event) for event in events].count(TrainStarted) == 1
     assert [type(event) for event in events].count(TrainCompleted) == 1
