@@ -177,56 +177,60 @@ def test_redis_lost_between_the_record_and_the_task_leaves_no_queued_run(
         restarted.stop()
 
 
-class StopsRedisAtTheEnd(RunStore):
-    """The real store, and Redis stopped as a run ends: before its end is recorded, or after it is and
-    before its final event."""
+class AroundTheEnd(RunStore):
+    """The real store, with something done just before and just after each end it records."""
+
+    def finish(
+        self,
+        run_id: str,
+        status: RunStatus,
+        message: str,
+        now: float,
+        *,
+        holder: str = "",
+        **metrics: RedisValue,
+    ) -> bool:
+        self.before_the_end()
+        recorded = super().finish(run_id, status, message, now, holder=holder, **metrics)
+        self.after_the_end()
+        return recorded
+
+    def before_the_end(self) -> None:
+        pass
+
+    def after_the_end(self) -> None:
+        pass
+
+
+class StopsRedisAtTheEnd(AroundTheEnd):
+    """Redis stopped as a run ends: before its end is recorded, or after it is and before its final event."""
 
     def __init__(self, client: redis.Redis, service: devstack.Service, before_the_record: bool) -> None:
         super().__init__(client)
         self._service = service
         self._before_the_record = before_the_record
 
-    def finish(
-        self,
-        run_id: str,
-        status: RunStatus,
-        message: str,
-        now: float,
-        *,
-        holder: str = "",
-        **metrics: RedisValue,
-    ) -> bool:
+    def before_the_end(self) -> None:
         if self._service.process.poll() is None and self._before_the_record:
             self._service.stop()
-        recorded = super().finish(run_id, status, message, now, holder=holder, **metrics)
+
+    def after_the_end(self) -> None:
         if self._service.process.poll() is None:
             self._service.stop()
-        return recorded
 
 
-class LosesTheFirstAnswer(RunStore):
-    """The real store, and the answer to the first end recorded lost on its way back, as when Redis
-    fails over right after the write."""
+class LosesTheFirstAnswer(AroundTheEnd):
+    """The answer to the first end recorded lost on its way back, as when Redis fails over right after
+    the write."""
 
     def __init__(self, client: redis.Redis) -> None:
         super().__init__(client)
         self.tries = 0
 
-    def finish(
-        self,
-        run_id: str,
-        status: RunStatus,
-        message: str,
-        now: float,
-        *,
-        holder: str = "",
-        **metrics: RedisValue,
-    ) -> bool:
+    def after_the_end(self) -> None:
         self.tries += 1
-        recorded = super().finish(run_id, status, message, now, holder=holder, **metrics)
         if self.tries == 1:
             raise redis.ConnectionError("Connection closed by server.")
-        return recorded
 
 
 def one_try_client(url: str) -> redis.Redis:
