@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 from marshmallow import EXCLUDE, Schema, ValidationError, fields, post_load, validate, validates_schema
 
@@ -178,7 +178,8 @@ class TrainRequest:
         )
 
     def to_mapping(self) -> dict[str, object]:
-        return asdict(self)
+        # Every field is a str, a number or None: a shallow copy is the whole of it (asdict deep-copies).
+        return dict(vars(self))
 
 
 class TrainAcceptedSchema(Schema):

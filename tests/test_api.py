@@ -27,7 +27,7 @@ from schemas.queues import NEW_TASK_PRIORITY
 from scripts.devstack import free_port
 from tests.conftest import DispatchRecorder
 from trainer_api import create_app
-from trainer_api.services import EXTENSION, Task, services
+from trainer_api.services import EXTENSION, Task, batching, services
 from trainer_store.runs import RunStore, user_runs_key
 from trainer_store.settings import Settings
 from trainer_store.storage import Storage
@@ -793,8 +793,15 @@ def test_default_dispatch_sends_the_train_task_by_name(
     sent: list[tuple[str, list[str], str, bool, str | None, int]] = []
 
     def send_task(
-        name: str, args: list[str], task_id: str, ignore_result: bool, queue: str | None, priority: int
+        name: str,
+        args: list[str],
+        task_id: str,
+        ignore_result: bool,
+        queue: str | None,
+        priority: int,
+        producer: object,
     ) -> None:
+        assert batching(producer), "sent through a producer that batches the task and its event"
         sent.append((name, args, task_id, ignore_result, queue, priority))
 
     monkeypatch.setattr(celery_app, "send_task", send_task)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import json
 from collections.abc import Iterator
 
@@ -67,4 +68,32 @@ def test_each_task_lands_on_its_queue(quiet_redis: tuple[str, redis.Redis]) -> N
     assert queued(client, "light") == [(TOKENIZER_TASK, "job-tokenizer"), (EVALUATE_TASK, "job-eval")]
     assert not client.exists("celery"), "nothing went to Celery's default queue"
     assert not client.keys("celery-task-meta-*"), "no result was asked for"
+    broker.close()
+
+
+def test_a_task_is_sent_with_its_task_sent_event(quiet_redis: tuple[str, redis.Redis]) -> None:
+    """One batch holds both: the task on its queue and, for Flower, the event that says it was sent."""
+    url, client = quiet_redis
+    broker = Celery("trainer-events")
+    broker.config_from_object("celeryconfig")
+    broker.conf.update(broker_url=url, result_backend=url)
+    events = client.pubsub()
+    events.psubscribe(f"/{QUIET_DB}.celeryev/*")
+    subscribed = events.get_message(timeout=5)
+    assert subscribed is not None, "not subscribed"
+    assert subscribed["type"] == "psubscribe"
+    sender(broker)(Task(TRAIN_TASK, ["run-1"], "job-sent"))
+
+    message = events.get_message(timeout=5)
+    assert message is not None, "no task-sent event"
+    envelope = json.loads(message["data"])
+    event = json.loads(base64.b64decode(envelope["body"]))
+    assert (event["type"], event["uuid"], event["name"], event["queue"]) == (
+        "task-sent",
+        "job-sent",
+        TRAIN_TASK,
+        TRAINING_QUEUE,
+    )
+    assert queued(client, TRAINING_QUEUE) == [(TRAIN_TASK, "job-sent")]
+    events.close()
     broker.close()

@@ -47,7 +47,7 @@ class CopiedText:
 
 @blp.route("", methods=["POST"])
 @idempotent
-@blp.arguments(CorpusUploadSchema, location="files")
+@blp.arguments(CorpusUploadSchema(), location="files")
 @blp.response(201, CorpusSchema)
 @blp.alt_response(413, schema=ErrorSchema, description="The file is over APP__MAX_CORPUS_BYTES.")
 @blp.alt_response(503, schema=ErrorSchema, description="The store or Redis is unavailable; nothing is kept.")

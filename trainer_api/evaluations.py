@@ -26,7 +26,7 @@ ACTIVE_JOB_STATUSES = ("queued", "running")
 
 
 @blp.route("/<string:run_id>/evaluate", methods=["POST"])
-@blp.arguments(EvaluateRequestSchema)
+@blp.arguments(EvaluateRequestSchema())
 @blp.response(202, EvaluationAcceptedSchema)
 @blp.alt_response(404, schema=ErrorSchema, description="No such run.")
 @blp.alt_response(

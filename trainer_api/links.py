@@ -46,7 +46,7 @@ def signed(secret: str, path: str, expires: int) -> str:
 
 
 @blp.route("/<string:run_id>/links", methods=["POST"])
-@blp.arguments(LinkRequestSchema)
+@blp.arguments(LinkRequestSchema())
 @blp.response(201, LinksSchema)
 @blp.alt_response(404, schema=ErrorSchema, description="No such run.")
 @blp.alt_response(503, schema=ErrorSchema, description=f"{SECRET_VARIABLE} is not set.")

@@ -36,7 +36,7 @@ STREAM_RESPONSE = {
 
 
 @blp.route("/<string:run_id>/logs")
-@blp.arguments(LogQuerySchema, location="query", unknown=RAISE)
+@blp.arguments(LogQuerySchema(), location="query", unknown=RAISE)
 @blp.doc(responses=TEXT_RESPONSE)
 def run_log(query: dict[str, int], run_id: str) -> Response:
     """The last `tail` lines the worker logged for the run (empty before it starts)."""
@@ -46,7 +46,7 @@ def run_log(query: dict[str, int], run_id: str) -> Response:
 
 
 @blp.route("/<string:run_id>/logs/stream")
-@blp.arguments(LogQuerySchema, location="query", unknown=RAISE)
+@blp.arguments(LogQuerySchema(), location="query", unknown=RAISE)
 @blp.doc(responses=STREAM_RESPONSE)
 def stream_run_log(query: dict[str, int], run_id: str) -> Response:
     """The last `tail` lines, then each new one as it is written, until the run has finished."""

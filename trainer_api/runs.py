@@ -41,7 +41,7 @@ blp = Blueprint("runs", __name__, url_prefix="/runs", description="Training runs
 
 @blp.route("/train", methods=["POST"])
 @idempotent
-@blp.arguments(TrainRequestSchema)
+@blp.arguments(TrainRequestSchema())
 @blp.response(202, TrainAcceptedSchema)
 @blp.alt_response(
     429,
@@ -119,7 +119,7 @@ def remove_run(run_id: str) -> None:
 
 @blp.route("", methods=["GET"])
 # webargs ignores unknown query fields unless told otherwise; the contract answers them with 422.
-@blp.arguments(RunListQuerySchema, location="query", unknown=RAISE)
+@blp.arguments(RunListQuerySchema(), location="query", unknown=RAISE)
 @blp.response(200, RunListSchema)
 def list_runs(query: RunListQuery) -> dict[str, object]:
     """A user's runs, newest first (at most `limit`, 20 by default, 100 at most)."""

@@ -31,7 +31,7 @@ TOKENIZER_SETTINGS = ("method", "vocab_size", "min_frequency", "holdout_fraction
 
 @blp.route("/train", methods=["POST"])
 @idempotent
-@blp.arguments(TokenizerRequestSchema)
+@blp.arguments(TokenizerRequestSchema())
 @blp.response(202, TokenizerAcceptedSchema)
 def train_tokenizer(body: Mapping[str, object]) -> dict[str, str]:
     """Record a tokenizer job and queue it; answers its tokenizer_id and the Celery job_id."""
