@@ -77,6 +77,10 @@ def test_a_task_is_sent_with_its_task_sent_event(quiet_redis: tuple[str, redis.R
     broker = Celery("trainer-events")
     broker.config_from_object("celeryconfig")
     broker.conf.update(broker_url=url, result_backend=url)
+    with broker.producer_or_acquire() as producer:
+        # kombu sends each message alone, silently, under transport options that could replay a pipeline
+        # (retry_on_timeout, retry): celeryconfig must set none of them.
+        assert producer.channel.supports_batch_publish, "the broker's channel would not batch"
     events = client.pubsub()
     events.psubscribe(f"/{QUIET_DB}.celeryev/*")
     subscribed = events.get_message(timeout=5)
