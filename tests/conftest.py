@@ -10,6 +10,8 @@ from pathlib import Path
 import pytest
 import redis
 import requests
+from celery import Celery
+from celery.app.task import Task as CeleryTask
 from flask import Flask
 from flask.testing import FlaskClient
 
@@ -127,6 +129,14 @@ def subscriber(stack: Stack) -> Iterator[redis.client.PubSub]:
     yield pubsub
     pubsub.close()
     client.close()
+
+
+def celery_on(url: str) -> Celery[CeleryTask[[], object]]:
+    """A Celery app configured as the API's, sending to the broker at `url` (a test's own Redis)."""
+    broker: Celery[CeleryTask[[], object]] = Celery("trainer-test")
+    broker.config_from_object("celeryconfig")
+    broker.conf.update(broker_url=url, result_backend=url)
+    return broker
 
 
 @pytest.fixture

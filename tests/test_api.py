@@ -27,7 +27,7 @@ from schemas.queues import NEW_TASK_PRIORITY
 from scripts.devstack import free_port
 from tests.conftest import DispatchRecorder
 from trainer_api import create_app
-from trainer_api.services import EXTENSION, Task, batching, services
+from trainer_api.services import EXTENSION, Batching, Task, services
 from trainer_store.runs import RunStore, user_runs_key
 from trainer_store.settings import Settings
 from trainer_store.storage import Storage
@@ -801,7 +801,7 @@ def test_default_dispatch_sends_the_train_task_by_name(
         priority: int,
         producer: object,
     ) -> None:
-        assert batching(producer), "sent through a producer that batches the task and its event"
+        assert isinstance(producer, Batching), "sent through a producer that batches the task and its event"
         sent.append((name, args, task_id, ignore_result, queue, priority))
 
     monkeypatch.setattr(celery_app, "send_task", send_task)

@@ -7,12 +7,11 @@ import time
 
 import pytest
 import redis
-from celery import Celery
 from flask import Flask
 from flask.testing import FlaskClient
 
 from scripts.devstack import free_port
-from tests.conftest import DispatchRecorder
+from tests.conftest import DispatchRecorder, celery_on
 from tests.test_api import assert_envelope, field_errors, json_of, submit, valid_body
 from trainer_api import create_app
 from trainer_api.services import Task, sender, services
@@ -105,10 +104,7 @@ def test_a_cancel_the_broker_cannot_take_still_stands(
     settings: Settings, dispatched: DispatchRecorder, caplog: pytest.LogCaptureFixture
 ) -> None:
     """The light queue's broker is away (a closed port): the run is flagged, which is what cancels it."""
-    away = Celery("trainer-test")
-    away.config_from_object("celeryconfig")
-    away.conf.update(broker_url=f"redis://127.0.0.1:{free_port()}/0")
-    send_away = sender(away)
+    send_away = sender(celery_on(f"redis://127.0.0.1:{free_port()}/0"))
 
     def dispatch(task: Task) -> None:
         (send_away if task.name == CANCEL_QUEUED_TASK else dispatched)(task)

@@ -11,10 +11,10 @@ import pytest
 import redis
 import requests
 
-from schemas.events import EVENTS_STREAM, NotAnEvent, TrainCompleted, TrainEvent, TrainStarted, decode_event
+from schemas.events import TrainCompleted, TrainEvent, TrainStarted
 from scripts import corpus, devstack
 from tests.conftest import Stack
-from tests.streams import events_through_the_end
+from tests.streams import events_through_the_end, sent_events
 
 QUEUES = {"training": "alpha", "second": "beta"}  # queue -> the name of the worker that consumes it
 RUNS_PER_QUEUE = 3
@@ -86,10 +86,7 @@ def status_of(cluster: Cluster, run_id: str) -> dict[str, object]:
 
 def events_by_run(client: redis.Redis) -> dict[str, list[TrainEvent]]:
     found: dict[str, list[TrainEvent]] = {}
-    for _, fields in client.xrange(EVENTS_STREAM) or []:
-        assert fields is not None
-        event = decode_event(fields[b"event"])
-        assert not isinstance(event, NotAnEvent), event.reason
+    for event in sent_events(client):
         found.setdefault(event.run_id, []).append(event)
     return found
 

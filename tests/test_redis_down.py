@@ -13,7 +13,6 @@ from pathlib import Path
 
 import pytest
 import redis
-from celery import Celery
 from flask.testing import FlaskClient
 from redis.backoff import NoBackoff
 from redis.retry import Retry
@@ -23,6 +22,7 @@ from schemas.events import TrainCompleted, TrainEvent, TrainFailed
 from schemas.queues import broker_lists
 from schemas.status import RunStatus
 from scripts import devstack
+from tests.conftest import celery_on
 from tests.streams import sent_events
 from tests.test_api import SNOWFLAKE, assert_envelope, json_of, submit, valid_body
 from trainer_api import create_app, limits
@@ -115,10 +115,7 @@ def test_redis_lost_between_the_record_and_the_task_leaves_no_queued_run(
     send fails, the API answers 503, and once Redis is back the run ends failed instead of waiting."""
     service, url, workdir = own_redis
     monkeypatch.setattr(limits, "UNSENT_GRACE_S", 1.0)
-    broker = Celery("trainer-test")
-    broker.config_from_object("celeryconfig")
-    broker.conf.update(broker_url=url, result_backend=url)
-    send = sender(broker)  # the API's own send, through a Celery app on this test's Redis
+    send = sender(celery_on(url))  # the API's own send, through a Celery app on this test's Redis
     kills: list[int] = []
 
     def dispatch(task: Task) -> None:

@@ -8,10 +8,10 @@ from collections.abc import Iterator
 
 import pytest
 import redis
-from celery import Celery
 
 import celeryconfig
 from schemas.queues import LIGHT_QUEUE, RESUMED_PRIORITY, TRAINING_QUEUE, broker_lists
+from tests.conftest import celery_on
 from trainer_api.services import Task, sender
 from trainer_tasks.app import CANCEL_QUEUED_TASK, EVALUATE_TASK, TOKENIZER_TASK, TRAIN_TASK, celery_app
 
@@ -52,9 +52,7 @@ def test_routes_name_the_tasks_by_their_constants() -> None:
 
 def test_each_task_lands_on_its_queue(quiet_redis: tuple[str, redis.Redis]) -> None:
     url, client = quiet_redis
-    broker = Celery("trainer-routes")
-    broker.config_from_object("celeryconfig")
-    broker.conf.update(broker_url=url, result_backend=url)
+    broker = celery_on(url)
     send = sender(broker)
     send(Task(TRAIN_TASK, ["run-1"], "job-train"))
     send(Task(TOKENIZER_TASK, ["tok-1"], "job-tokenizer"))
@@ -74,9 +72,7 @@ def test_each_task_lands_on_its_queue(quiet_redis: tuple[str, redis.Redis]) -> N
 def test_a_task_is_sent_with_its_task_sent_event(quiet_redis: tuple[str, redis.Redis]) -> None:
     """One batch holds both: the task on its queue and, for Flower, the event that says it was sent."""
     url, client = quiet_redis
-    broker = Celery("trainer-events")
-    broker.config_from_object("celeryconfig")
-    broker.conf.update(broker_url=url, result_backend=url)
+    broker = celery_on(url)
     with broker.producer_or_acquire() as producer:
         # kombu sends each message alone, silently, under transport options that could replay a pipeline
         # (retry_on_timeout, retry): celeryconfig must set none of them.
